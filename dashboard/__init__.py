@@ -1,0 +1,1 @@
+"""The Streamlit leaderboard dashboard (read-only on the results database)."""

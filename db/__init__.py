@@ -1,0 +1,1 @@
+"""Alembic migrations for the normbench results schema (installed as ``normbench.migrations``)."""

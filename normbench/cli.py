@@ -1,0 +1,261 @@
+"""The ``normbench`` command line (typer + rich).
+
+User errors (``NormbenchError``) are printed as one paragraph and exit with status 2; Ctrl-C exits
+with 130 after the launcher has recorded the interrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from normbench import config
+from normbench.errors import NormbenchError
+
+app = typer.Typer(
+    help="Benchmark normalization layers: train, evaluate, store and rank norm x optimizer pairs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Prepare datasets (decode once into the cache).", no_args_is_help=True)
+db_app = typer.Typer(help="Manage the results database.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Turn a ``NormbenchError`` into a one-paragraph message and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NormbenchError as e:
+            err.print(f"[bold red]Error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _csv(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise typer.BadParameter("expected a comma-separated list of names")
+    return items
+
+
+def _seeds(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        seeds = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise typer.BadParameter(f"{value!r}: seeds must be non-negative integers, e.g. 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        raise typer.BadParameter(f"{value!r}: a seed is repeated")
+    return seeds
+
+
+class Budget(str, Enum):
+    smoke = "smoke"
+    cpu = "cpu"
+    full = "full"
+
+
+DataDir = Annotated[
+    str | None,
+    typer.Option("--data-dir", help="Local dataset mirror directory [env: NORMBENCH_DATA_DIR]."),
+]
+Db = Annotated[
+    str | None,
+    typer.Option("--db", help="SQLAlchemy URL or SQLite file path [env: NORMBENCH_DB]."),
+]
+
+
+@app.command()
+@user_errors
+def run(
+    suite: Annotated[str, typer.Option(help="Suite name (see `normbench list suites`) or TOML path.")],
+    budget: Annotated[Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")] = None,
+    norms: Annotated[str | None, typer.Option(help="Comma-separated norm names.")] = None,
+    optimizers: Annotated[str | None, typer.Option(help="Comma-separated optimizer names.")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: best).")] = None,
+    data_dir: DataDir = None,
+    db: Db = None,
+    force: Annotated[bool, typer.Option(help="Re-run runs that already finished.")] = False,
+) -> None:
+    """Train and evaluate every norm x optimizer x seed of a suite and store the results."""
+    norm_list, opt_list, seed_list = _csv(norms), _csv(optimizers), _seeds(seeds)
+    from normbench.runtime import resolve_device
+    from normbench.store import open_store
+    from normbench.suites import default_budget, load_suite, plan
+    from runners.local import run_specs
+
+    s = load_suite(suite)
+    budget_name = budget.value if budget else default_budget()
+    specs = plan(s, budget_name, norms=norm_list, optimizers=opt_list, seeds=seed_list)
+    dev = resolve_device(device)
+    store = open_store(config.db_url(db))
+    err.print(f"{len(specs)} run(s) of suite [bold]{s.name}[/bold], budget [bold]{budget_name}"
+              f"[/bold], on {dev}; results in {store.engine.url.render_as_string()}")  # fmt: skip
+    try:
+        outcomes = run_specs(specs, store, device=dev, data_dir=data_dir, force=force, console=err)
+    except KeyboardInterrupt:
+        err.print("[yellow]Interrupted.[/yellow] The run is marked interrupted; run the same "
+                  "command again to resume from its last finished epoch.")  # fmt: skip
+        raise typer.Exit(130) from None
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    err.print("Summary: " + ", ".join(f"{n} {status}" for status, n in counts.items()) +
+              f". See `normbench leaderboard --suite {s.name} --budget {budget_name}`.")  # fmt: skip
+
+
+class ListKind(str, Enum):
+    norms = "norms"
+    optimizers = "optimizers"
+    models = "models"
+    suites = "suites"
+
+
+@app.command("list")
+@user_errors
+def list_(
+    kind: Annotated[ListKind, typer.Argument(help="What to list.")],
+    pattern: Annotated[str, typer.Option(help="Glob filter on names.")] = "*",
+) -> None:
+    """List registered norms, optimizers, models or suites."""
+    from normbench.models import MODELS
+    from normbench.norms import NORMS
+    from normbench.optim import OPTIMIZERS
+    from normbench.suites import SUITES
+
+    registry = {"norms": NORMS, "optimizers": OPTIMIZERS, "models": MODELS, "suites": SUITES}[kind.value]
+    table = Table("name", "family", "capabilities", "description", title=kind.value)
+    for name in registry.names(pattern):
+        info = registry.info(name)
+        table.add_row(name, info.family, ", ".join(sorted(info.capabilities)), info.description)
+    out.print(table)
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _pct(mean: float, std: float) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    return f"{100 * mean:.2f}" + ("" if std is None or math.isnan(std) else f" ± {100 * std:.2f}")
+
+
+@app.command()
+@user_errors
+def leaderboard(
+    suite: Annotated[str, typer.Option(help="Suite name.")],
+    budget: Annotated[Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")] = None,
+    format: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+    db: Db = None,
+) -> None:
+    """Rank the norm x optimizer pairs of a suite (mean ± std over seeds)."""
+    from normbench import metrics as M
+    from normbench.leaderboard import leaderboard as query
+    from normbench.store import open_store
+    from normbench.suites import default_budget, load_suite
+
+    suite_name = load_suite(suite).name
+    budget_name = budget.value if budget else default_budget()
+    store = open_store(config.db_url(db))
+    table = query(store.engine, suite_name, budget_name)
+    if table.empty:
+        err.print(f"No runs of suite {suite_name!r} at budget {budget_name!r} in "
+                  f"{store.engine.url.render_as_string()}. Produce some with `normbench run "
+                  f"--suite {suite_name} --budget {budget_name}`.")  # fmt: skip
+        if format is not Format.table:
+            typer.echo("[]" if format is Format.json else "")
+        return
+    if format is Format.csv:
+        typer.echo(table.to_csv(index=False), nl=False)
+        return
+    if format is Format.json:
+        typer.echo(json.dumps(json.loads(table.to_json(orient="records")), indent=1))
+        return
+    t = Table("#", "norm", "optimizer", "accuracy %", "n", "ECE", "train speed vs BN",
+              "wall time s", "runs", title=f"{suite_name} / {budget_name}")  # fmt: skip
+    for r in table.itertuples(index=False):
+        row = r._asdict()
+        ece = row.get(f"{M.ECE}_mean", math.nan)
+        wall = row.get(f"{M.WALL_TIME}_mean", math.nan)
+        ratio = row.get("throughput_ratio", math.nan)
+        t.add_row(
+            "-" if row["rank"] is None or row["rank"] != row["rank"] else str(int(row["rank"])),
+            row["norm"],
+            row["optimizer"],
+            _pct(row.get(f"{M.ACCURACY}_mean"), row.get(f"{M.ACCURACY}_std")),
+            str(row["n"]),
+            "-" if math.isnan(ece) else f"{ece:.3f}",
+            "-" if math.isnan(ratio) else f"{ratio:.2f}x",
+            "-" if math.isnan(wall) else f"{wall:.0f}",
+            row["status"],
+        )
+    out.print(t)
+
+
+class DatasetName(str, Enum):
+    cifar10 = "cifar10"
+
+
+@data_app.command("prepare")
+@user_errors
+def data_prepare(
+    dataset: Annotated[DatasetName, typer.Argument(help="Dataset to decode and cache.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Decode a dataset once (from a local mirror or the official download) into the cache."""
+    from normbench.data import load_dataset
+
+    for split in ("train", "test"):
+        ds = load_dataset(dataset.value, split, data_dir)
+        err.print(f"{dataset.value} {split}: {len(ds)} images from {ds.source}")
+    out.print(f"cached in {config.cache_dir() / 'datasets' / dataset.value}")
+
+
+@db_app.command("upgrade")
+@user_errors
+def db_upgrade(db: Db = None) -> None:
+    """Create or upgrade the results database schema (Alembic migrations)."""
+    from normbench.store import create_db_engine, schema_revisions, upgrade
+
+    url = config.db_url(db)
+    engine = create_db_engine(url)
+    upgrade(engine)
+    current, _ = schema_revisions(engine)
+    out.print(f"{engine.url.render_as_string()} is at schema revision {current}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Datasets as uint8 tensors, their checksummed cache, and the tensor-resident training loader.
+
+Sources for CIFAR-10, in order:
+1. a local mirror under the data directory (``--data-dir`` / ``NORMBENCH_DATA_DIR``), either in the
+   Hugging Face hub parquet layout (``cifar10/**/train-*.parquet``, ``test-*.parquet``; what
+   ``uoft-cs/cifar10`` publishes) or torchvision's ``cifar-10-batches-py`` folder;
+2. torchvision's official download into the cache directory, when online.
+
+Images are decoded once into ``(N, 3, 32, 32)`` uint8 tensors and cached as ``.npy`` files next to
+a manifest holding their SHA-256; a cache file that fails its checksum is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import track
+
+from normbench import config
+from normbench.errors import DataError
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """A labelled image set held as tensors: ``images`` uint8 (N,3,H,W), ``labels`` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int, seed: int = 0) -> ArrayDataset:
+        """A fixed, seeded subset of ``n`` examples (the whole set when ``n`` is 0 or too large)."""
+        if not n or n >= len(self):
+            return self
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self), generator=g)[:n].sort().values
+        return ArrayDataset(self.images[idx], self.labels[idx], self.classes, self.source)
+
+
+# --- checksummed tensor cache -------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_paths(name: str, split: str) -> tuple[Path, Path, Path]:
+    root = config.cache_dir() / "datasets" / name
+    return root / f"{split}-images.npy", root / f"{split}-labels.npy", root / f"{split}.json"
+
+
+def _read_cache(name: str, split: str) -> ArrayDataset | None:
+    images_path, labels_path, manifest_path = _cache_paths(name, split)
+    if not manifest_path.exists():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != CACHE_FORMAT:
+            return None
+        for path in (images_path, labels_path):
+            if sha256_file(path) != manifest["sha256"][path.name]:
+                return None
+        images = torch.from_numpy(np.load(images_path))
+        labels = torch.from_numpy(np.load(labels_path)).long()
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or inconsistent: rebuild
+    return ArrayDataset(images, labels, tuple(manifest["classes"]), manifest["source"])
+
+
+def _write_cache(name: str, split: str, ds: ArrayDataset) -> None:
+    images_path, labels_path, manifest_path = _cache_paths(name, split)
+    images_path.parent.mkdir(parents=True, exist_ok=True)
+    sums = {}
+    for path, array in ((images_path, ds.images.numpy()), (labels_path, ds.labels.numpy())):
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, array)
+        os.replace(tmp, path)
+        sums[path.name] = sha256_file(path)
+    manifest = {"format": CACHE_FORMAT, "source": ds.source, "classes": list(ds.classes)}
+    manifest |= {"sha256": sums, "shape": list(ds.images.shape)}
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, manifest_path)
+
+
+# --- CIFAR-10 sources ---------------------------------------------------------------------------
+
+
+def _find_parquet(root: Path, split: str) -> list[Path]:
+    for base in (root / "cifar10", root):
+        files = sorted(base.glob(f"**/{split}-*.parquet"))
+        if files:
+            return files
+    return []
+
+
+def _decode_parquet(files: list[Path], split: str) -> ArrayDataset:
+    """Decode the hub parquet layout (``img`` PNG bytes, ``label`` ClassLabel) with ``datasets``."""
+    import datasets
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as hf_cache:  # decoded tensors are our cache, not arrow
+        ds = datasets.load_dataset(
+            "parquet",
+            data_files={split: [str(f) for f in files]},
+            split=split,
+            cache_dir=hf_cache,
+        )
+        image_column = next(k for k, f in ds.features.items() if isinstance(f, datasets.Image))
+        label_column = next(k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel))
+        classes = tuple(ds.features[label_column].names)
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        encoded = ds.with_format("arrow")[image_column].combine_chunks().field("bytes")
+        labels = np.asarray(ds.with_format("numpy")[label_column], dtype=np.int64)
+        images = np.empty((len(ds), 32, 32, 3), dtype=np.uint8)
+        for i in track(range(len(ds)), description=f"Decoding CIFAR-10 {split}", transient=True):
+            with Image.open(io.BytesIO(encoded[i].as_py())) as im:
+                images[i] = np.asarray(im.convert("RGB"))
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return ArrayDataset(tensor, torch.from_numpy(labels), classes, f"parquet:{files[0].parent}")
+
+
+def _load_torchvision(root: Path, split: str, download: bool) -> ArrayDataset:
+    from torchvision.datasets import CIFAR10
+
+    ds = CIFAR10(str(root), train=split == "train", download=download)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor(ds.targets, dtype=torch.int64)
+    return ArrayDataset(images, labels, tuple(ds.classes), f"torchvision:{root}")
+
+
+def _missing_message(data_dir: Path | None, reason: str) -> str:
+    where = f"in {data_dir}" if data_dir else "(no data directory set)"
+    return (
+        f"CIFAR-10 is not available: no local mirror was found {where}, and the official "
+        f"download failed ({reason}). Either connect to the internet and run `normbench data "
+        "prepare cifar10` (torchvision downloads it into the cache directory), or put a mirror in "
+        "the Hugging Face parquet layout (cifar10/train-*.parquet and cifar10/test-*.parquet, as "
+        "published by uoft-cs/cifar10) or torchvision's cifar-10-batches-py folder under a "
+        "directory and pass it with --data-dir or NORMBENCH_DATA_DIR."
+    )
+
+
+def _build_cifar10(split: str, data_dir: Path | None) -> ArrayDataset:
+    if data_dir is not None:
+        if not data_dir.is_dir():
+            raise DataError(f"The data directory {data_dir} does not exist.")
+        files = _find_parquet(data_dir, split)
+        if files:
+            return _decode_parquet(files, split)
+        for root in (data_dir, data_dir / "cifar10"):
+            if (root / "cifar-10-batches-py").is_dir():
+                return _load_torchvision(root, split, download=False)
+    root = config.cache_dir() / "downloads"
+    try:
+        return _load_torchvision(root, split, download=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; bad archives raise Runtime
+        raise DataError(_missing_message(data_dir, str(err) or type(err).__name__)) from None
+
+
+def load_cifar10(split: str, data_dir: str | Path | None = None) -> ArrayDataset:
+    """CIFAR-10 ``split`` ("train" or "test") as uint8 tensors, from the cache when it is valid."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    cached = _read_cache("cifar10", split)
+    if cached is not None:
+        return cached
+    ds = _build_cifar10(split, config.data_dir(data_dir))
+    expected = 50_000 if split == "train" else 10_000
+    if ds.images.shape != (expected, 3, 32, 32) or len(ds.classes) != 10:
+        raise DataError(
+            f"CIFAR-10 {split} from {ds.source} has images of shape {tuple(ds.images.shape)} and "
+            f"{len(ds.classes)} classes; expected ({expected}, 3, 32, 32) and 10."
+        )
+    _write_cache("cifar10", split, ds)
+    return ds
+
+
+DATASETS = {"cifar10": load_cifar10}
+
+
+def load_dataset(name: str, split: str, data_dir: str | Path | None = None) -> ArrayDataset:
+    try:
+        loader = DATASETS[name]
+    except KeyError:
+        raise DataError(f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}.") from None
+    return loader(split, data_dir)
+
+
+# --- tensor-resident loader ---------------------------------------------------------------------
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``padding`` pixels with zero fill, for a whole batch at once.
+
+    Equivalent to torchvision's ``RandomCrop(size, padding)`` per image: two gathers (rows, then
+    columns) on the zero-padded batch pick each image's own window.
+    """
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dy, dx = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
+    rows = dy[:, None] + torch.arange(h, device=images.device)
+    cols = dx[:, None] + torch.arange(w, device=images.device)
+    out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * padding))
+    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+class TensorLoader:
+    """Batches from a dataset held as one uint8 tensor on the run device.
+
+    Shuffling, random crops and flips are done batched on the device with an explicit generator,
+    so there is no per-image Python or PIL work and the order is reproducible (and resumable, via
+    the generator's state). Batches come out normalized, float32, channels_last.
+    """
+
+    def __init__(
+        self,
+        ds: ArrayDataset,
+        batch_size: int,
+        *,
+        device: torch.device,
+        train: bool,
+        generator: torch.Generator | None = None,
+        crop_padding: int = 0,
+        flip: bool = False,
+        mean: tuple[float, ...] = CIFAR10_MEAN,
+        std: tuple[float, ...] = CIFAR10_STD,
+        drop_last: bool | None = None,
+    ) -> None:
+        self.images = ds.images.to(device)
+        self.labels = ds.labels.to(device)
+        self.batch_size, self.device, self.train = batch_size, device, train
+        self.generator = generator or torch.Generator().manual_seed(0)
+        self.crop_padding, self.flip = crop_padding, flip
+        self.drop_last = train if drop_last is None else drop_last
+        std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.scale = 1.0 / std_t
+        self.shift = -torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255 / std_t
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.shift, images.float(), self.scale)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.train:
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            images = self.images[idx]
+            if self.train and self.crop_padding:
+                images = random_crop(images, self.crop_padding, self.generator)
+            if self.train and self.flip:
+                images = random_flip(images, self.generator)
+            yield self.normalize(images), self.labels[idx]

@@ -1,0 +1,111 @@
+"""Leaderboard queries: norm x optimizer rows aggregated over seeds, in SQL.
+
+Means and standard deviations are computed from ``count``, ``avg(x)`` and ``avg(x*x)`` in the
+database, so the query cost does not grow with Python loops over runs. Throughput is compared as a
+ratio to BatchNorm with the same optimizer on the same device, then averaged over devices.
+Only finished runs give numbers; failed, diverged and interrupted runs are counted in ``status``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from sqlalchemy import Engine, func, select
+
+from normbench import metrics as M
+from normbench.store.models import Metric, Run, RunStatus
+
+REFERENCE_NORM = "batchnorm"
+SUMMARY_METRICS = (M.ACCURACY, M.LOSS, M.ECE, M.TRAIN_THROUGHPUT, M.WALL_TIME, M.PARAM_COUNT)
+
+
+def _metric_stats(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
+    query = (
+        select(
+            Run.norm,
+            Run.optimizer,
+            Metric.name,
+            func.count(Metric.value).label("n"),
+            func.avg(Metric.value).label("mean"),
+            func.avg(Metric.value * Metric.value).label("mean_sq"),
+        )
+        .join(Metric, Metric.run_id == Run.id)
+        .where(
+            Run.suite == suite,
+            Run.budget == budget,
+            Run.status == RunStatus.finished,
+            Metric.name.in_(SUMMARY_METRICS),
+            Metric.corruption == "",
+            Metric.severity == 0,
+        )
+        .group_by(Run.norm, Run.optimizer, Metric.name)
+    )
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(query).all(), columns=["norm", "optimizer", "metric", "n", "mean", "mean_sq"])
+
+
+def _throughput_ratios(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
+    query = (
+        select(Run.norm, Run.optimizer, Run.device, func.avg(Metric.value).label("rate"))
+        .join(Metric, Metric.run_id == Run.id)
+        .where(
+            Run.suite == suite,
+            Run.budget == budget,
+            Run.status == RunStatus.finished,
+            Metric.name == M.TRAIN_THROUGHPUT,
+        )
+        .group_by(Run.norm, Run.optimizer, Run.device)
+    )
+    with engine.connect() as conn:
+        df = pd.DataFrame(conn.execute(query).all(), columns=["norm", "optimizer", "device", "rate"])
+    ref = df[df.norm == REFERENCE_NORM][["optimizer", "device", "rate"]]
+    df = df.merge(ref, on=["optimizer", "device"], how="left", suffixes=("", "_ref"))
+    df["throughput_ratio"] = df.rate / df.rate_ref
+    return df.groupby(["norm", "optimizer"], as_index=False).throughput_ratio.mean()
+
+
+def _status_counts(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
+    query = (
+        select(Run.norm, Run.optimizer, Run.status, func.count(Run.id))
+        .where(Run.suite == suite, Run.budget == budget)
+        .group_by(Run.norm, Run.optimizer, Run.status)
+    )
+    with engine.connect() as conn:
+        rows = [(n, o, s.value, c) for n, o, s, c in conn.execute(query).all()]
+    df = pd.DataFrame(rows, columns=["norm", "optimizer", "status", "count"])
+    order = {s.value: i for i, s in enumerate(RunStatus)}
+    df = df.sort_values("status", key=lambda s: s.map(order))
+    return df.groupby(["norm", "optimizer"], as_index=False).apply(
+        lambda g: pd.Series({"runs": int(g["count"].sum()), "status": ", ".join(
+            f"{c} {s}" for s, c in zip(g.status, g["count"], strict=True))}),
+        include_groups=False,
+    )  # fmt: skip
+
+
+def leaderboard(engine: Engine, suite: str, budget: str, rank_by: str = M.ACCURACY) -> pd.DataFrame:
+    """One row per norm x optimizer: ``<metric>_mean``/``_std`` for the summary metrics, ``n``
+    (finished seeds), ``throughput_ratio``, ``runs``, ``status`` and ``rank`` (by ``rank_by``)."""
+    counts = _status_counts(engine, suite, budget)
+    if counts.empty:
+        return pd.DataFrame()
+    stats = _metric_stats(engine, suite, budget)
+    table = counts
+    if not stats.empty:
+        var = (stats.mean_sq - stats["mean"] ** 2).clip(lower=0) * stats.n / (stats.n - 1)
+        stats["std"] = [math.sqrt(v) if n > 1 else math.nan for v, n in zip(var, stats.n, strict=True)]
+        wide = stats.pivot_table(index=["norm", "optimizer"], columns="metric", values=["mean", "std"], dropna=False)
+        wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
+        n = stats[stats.metric == rank_by][["norm", "optimizer", "n"]]
+        table = counts.merge(wide.reset_index(), on=["norm", "optimizer"], how="left")
+        table = table.merge(n, on=["norm", "optimizer"], how="left")
+        table = table.merge(_throughput_ratios(engine, suite, budget), on=["norm", "optimizer"], how="left")
+    for column in (f"{rank_by}_mean", "n", "throughput_ratio"):
+        if column not in table:
+            table[column] = math.nan
+    table["n"] = table["n"].fillna(0).astype(int)
+    ascending = rank_by in (M.LOSS, M.ECE, M.WALL_TIME)
+    table = table.sort_values(f"{rank_by}_mean", ascending=ascending, na_position="last")
+    table.insert(0, "rank", range(1, len(table) + 1))
+    table.loc[table[f"{rank_by}_mean"].isna(), "rank"] = pd.NA
+    return table.reset_index(drop=True)

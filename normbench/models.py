@@ -1,0 +1,177 @@
+"""Models built from a conv-norm block factory, and the model registry.
+
+A model never creates a normalization layer itself: it asks a *block factory* for every
+"convolution followed by normalization" pair. The default factory is a plain ``nn.Conv2d`` then the
+registered norm; normalizers that transform the convolution's weights (Weight Standardization) or
+replace the pair (ConvNorm) provide their own factory, so no model needs a special case for them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normbench.norms import NormSpec, create_norm
+from normbench.registry import Registry
+
+
+class BlockFactory(Protocol):
+    """Builds the module for ``conv(in_channels -> out_channels, kernel, stride)`` + its norm."""
+
+    def __call__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1
+    ) -> nn.Module: ...
+
+
+class ConvThenNorm(nn.Sequential):
+    """A convolution followed by a normalization layer (the default block)."""
+
+
+def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
+    """The default block factory: ``nn.Conv2d`` (same padding) followed by ``create_norm(norm)``.
+
+    A norm without any parameters cannot shift its output, so its convolution gets a bias; a norm
+    with an affine shift makes a convolution bias redundant.
+    """
+
+    def make(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
+        norm_layer = create_norm(norm, out_channels, **norm_kwargs)
+        bias = next(norm_layer.parameters(), None) is None
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=bias
+        )
+        return ConvThenNorm(OrderedDict(conv=conv, norm=norm_layer))
+
+    return make
+
+
+ModelBuilder = Callable[..., nn.Module]
+MODELS: Registry[ModelBuilder] = Registry("model")
+register_model = MODELS.register
+
+
+def create_model(name: str, *, block: BlockFactory, num_classes: int, **kwargs: Any) -> nn.Module:
+    return MODELS.get(name).obj(block=block, num_classes=num_classes, **kwargs)
+
+
+# --- CIFAR ResNets (He et al. 2016, section 4.2) -------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-norm layers with an option-A (parameter-free) shortcut."""
+
+    def __init__(self, block: BlockFactory, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = block(in_channels, out_channels, 3, stride)
+        self.conv2 = block(out_channels, out_channels, 3, 1)
+        self.stride, self.extra_channels = stride, out_channels - in_channels
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        # Option A: subsample spatially and zero-pad the new channels, so shortcuts add no
+        # parameters and no normalization layer of their own.
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra_channels:
+            half = self.extra_channels // 2
+            x = F.pad(x, (0, 0, 0, 0, half, self.extra_channels - half))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(F.relu(self.conv1(x)))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs: three stages of n blocks with 16, 32 and 64 channels."""
+
+    def __init__(self, depth: int, *, block: BlockFactory, num_classes: int, width: int = 16):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        widths = [width, 2 * width, 4 * width]
+        self.stem = block(3, widths[0], 3, 1)
+        layers: list[nn.Module] = []
+        in_channels = widths[0]
+        for stage, out_channels in enumerate(widths):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(block, in_channels, out_channels, stride))
+                in_channels = out_channels
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(in_channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(F.relu(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register_model(
+    "resnet20",
+    description="CIFAR ResNet-20 (He et al. 2016), option-A shortcuts, 0.27M parameters.",
+    family="resnet",
+)
+def resnet20(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
+    return CifarResNet(20, block=block, num_classes=num_classes)
+
+
+@register_model(
+    "resnet56",
+    description="CIFAR ResNet-56 (He et al. 2016), option-A shortcuts, 0.85M parameters.",
+    family="resnet",
+)
+def resnet56(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
+    return CifarResNet(56, block=block, num_classes=num_classes)
+
+
+# --- A small fast CIFAR net for CPU budgets -----------------------------------------------------
+
+
+class FastNet(nn.Module):
+    """Seven 3x3 conv-norm-GELU layers in the style of airbench: a stem and three stages of
+    (conv, pool, conv); global max pooling and a linear head. Sized for minutes on a CPU."""
+
+    def __init__(self, *, block: BlockFactory, num_classes: int, widths: Sequence[int]):
+        super().__init__()
+        stem_width, *stage_widths = widths
+        self.stem = block(3, stem_width, 3, 1)
+        stages: list[nn.Module] = []
+        in_channels = stem_width
+        for w in stage_widths:
+            stages += [
+                block(in_channels, w, 3, 1),
+                nn.GELU(),
+                nn.MaxPool2d(2),
+                block(w, w, 3, 1),
+                nn.GELU(),
+            ]
+            in_channels = w
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(in_channels, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(F.gelu(self.stem(x)))
+        return self.head(torch.flatten(F.adaptive_max_pool2d(x, 1), 1))
+
+
+@register_model(
+    "fastnet",
+    description="Small fast CIFAR net (7 conv layers, widths 32-64-128-128) for CPU budgets.",
+    family="vgg",
+)
+def fastnet(
+    *, block: BlockFactory, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128, 128)
+) -> nn.Module:
+    return FastNet(block=block, num_classes=num_classes, widths=widths)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,100 @@
+"""The results schema (SQLAlchemy 2.0 typed ORM). Alembic migrations in ``db/`` create it.
+
+- ``runs``: one row per run key with its spec, status and provenance.
+- ``metrics``: one row per (run, metric, split, corruption, severity), raw floats; corruption is ""
+  and severity 0 for clean metrics, so corruption suites need no schema change.
+- ``curve_points``: per-epoch training curves.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Enum, Float, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class RunStatus(enum.Enum):
+    running = "running"
+    finished = "finished"
+    failed = "failed"
+    diverged = "diverged"
+    interrupted = "interrupted"
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_key: Mapped[str] = mapped_column(String(64), unique=True)
+    suite: Mapped[str] = mapped_column(String(128))
+    budget: Mapped[str] = mapped_column(String(32))
+    protocol_version: Mapped[int]
+    task: Mapped[str] = mapped_column(String(32))
+    dataset: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    norm: Mapped[str] = mapped_column(String(128))
+    optimizer: Mapped[str] = mapped_column(String(128))
+    seed: Mapped[int]
+    status: Mapped[RunStatus] = mapped_column(
+        Enum(RunStatus, name="run_status", native_enum=False, length=16)
+    )
+    error: Mapped[str | None] = mapped_column(Text)
+    diverged_step: Mapped[int | None]
+    epochs_done: Mapped[int] = mapped_column(default=0)
+    device: Mapped[str | None] = mapped_column(String(256))
+    config: Mapped[dict[str, Any]]
+    provenance: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    metrics: Mapped[list[Metric]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True
+    )
+    curve_points: Mapped[list[CurvePoint]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (Index("ix_runs_suite_budget_status", "suite", "budget", "status"),)
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(64))
+    split: Mapped[str] = mapped_column(String(32), default="")
+    corruption: Mapped[str] = mapped_column(String(64), default="")
+    severity: Mapped[int] = mapped_column(default=0)
+    value: Mapped[float] = mapped_column(Float)
+
+    run: Mapped[Run] = relationship(back_populates="metrics")
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "name", "split", "corruption", "severity", name="uq_metric_row"),
+        Index("ix_metrics_lookup", "name", "split", "corruption", "severity", "run_id"),
+    )
+
+
+class CurvePoint(Base):
+    __tablename__ = "curve_points"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    epoch: Mapped[int]
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (UniqueConstraint("run_id", "epoch", "name", name="uq_curve_point"),)

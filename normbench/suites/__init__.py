@@ -1,0 +1,267 @@
+"""Suites: versioned TOML protocols, their validation, and the planner that expands them into runs.
+
+A suite file names the dataset, the norms and optimizers to cross, the seeds, the reference pair
+and one table per *budget* (``smoke``, ``cpu``, ``full``) with the model, schedule, augmentation
+and per-optimizer hyper-parameters. Unknown keys are rejected and every value is type-checked;
+errors name the file and the key. Built-in suites live next to this module; ``--suite`` also
+accepts a path to a TOML file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from normbench.errors import NormbenchError, SuiteError, UnknownNameError
+from normbench.models import MODELS
+from normbench.norms import NORMS
+from normbench.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_RULE
+from normbench.registry import EntryInfo, Registry
+
+BUILTIN_DIR = Path(__file__).parent
+BUDGETS = ("smoke", "cpu", "full")
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Augment(_Strict):
+    crop_padding: Annotated[int, Field(ge=0, le=16)] = 0  # pixels of zero padding for crops
+    flip: bool = False  # random horizontal flip
+
+
+class Budget(_Strict):
+    model: str
+    model_args: dict[str, Any] = {}
+    epochs: Annotated[int, Field(ge=1)]
+    batch_size: Annotated[int, Field(ge=1)]
+    eval_batch_size: Annotated[int, Field(ge=1)] = 500
+    train_subset: Annotated[int, Field(ge=0)] = 0  # 0 = the whole training set
+    test_subset: Annotated[int, Field(ge=0)] = 0  # 0 = the whole test set
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device has it
+    schedule: Literal[SCHEDULES] = "onecycle"  # type: ignore[valid-type]
+    warmup: Fraction = 0.0  # fraction of training
+    milestones: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = []  # fractions (multistep)
+    label_smoothing: Fraction = 0.0
+    augment: Augment = Augment()
+    optimizers: dict[str, dict[str, Any]]  # hyper-parameters per optimizer name
+
+
+class Reference(_Strict):
+    norm: str
+    optimizer: str
+
+
+class SuiteFile(_Strict):
+    name: str
+    description: str
+    protocol_version: Annotated[int, Field(ge=1)]
+    task: Literal["classify"]
+    dataset: Literal["cifar10"]
+    norms: list[str]
+    optimizers: list[str]
+    seeds: list[int]
+    reference: Reference
+    budgets: dict[Literal[BUDGETS], Budget]  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A validated suite and where it came from."""
+
+    spec: SuiteFile
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def budget(self, name: str) -> Budget:
+        if name not in self.spec.budgets:
+            raise NormbenchError(
+                f"Suite {self.name!r} has no budget {name!r}; it defines "
+                f"{', '.join(self.spec.budgets)} (valid budget names: {', '.join(BUDGETS)})."
+            )
+        return self.spec.budgets[name]
+
+
+SUITES: Registry[Path] = Registry("suite")
+
+
+def _register_builtin_suites() -> None:
+    for path in sorted(BUILTIN_DIR.glob("*.toml")):
+        description = ""
+        try:
+            description = tomllib.loads(path.read_text()).get("description", "")
+        except tomllib.TOMLDecodeError:
+            pass  # reported in full when the suite is loaded
+        SUITES.add(path.stem, path, EntryInfo(path.stem, description, "classify"))
+
+
+_register_builtin_suites()
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _check_name(registry: Registry, name: str, path: Path, key: str) -> None:
+    if name not in registry:
+        raise SuiteError(f"{path}: {key}: {UnknownNameError(registry.kind, name, registry.closest(name), registry.names())}")
+
+
+def _check_hparams(path: Path, key: str, optimizer: str, hparams: dict[str, Any]) -> None:
+    builder = OPTIMIZERS.get(optimizer).obj
+    params = inspect.signature(builder).parameters
+    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for hp in hparams:
+        if hp not in allowed:
+            raise SuiteError(
+                f"{path}: {key}.{hp}: unknown hyper-parameter for optimizer {optimizer!r}; "
+                f"allowed: {', '.join(allowed)}."
+            )
+    missing = [n for n in allowed if params[n].default is inspect.Parameter.empty and n not in hparams]
+    if missing:
+        raise SuiteError(f"{path}: {key}: missing required hyper-parameter(s) {', '.join(missing)}.")
+
+
+def load_suite_file(path: Path) -> Suite:
+    """Read and validate a suite file; every problem is a ``SuiteError`` naming file and key."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise SuiteError(f"{path}: cannot read suite file ({err.strerror}).") from None
+    except tomllib.TOMLDecodeError as err:
+        raise SuiteError(f"{path}: not valid TOML: {err}.") from None
+    try:
+        spec = SuiteFile.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            what = "unknown key (not part of the suite schema)" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"{_location(e['loc'])}: {what}")
+        raise SuiteError(f"{path}: invalid suite file: " + "; ".join(problems) + ".") from None
+    for i, norm in enumerate(spec.norms):
+        _check_name(NORMS, norm, path, f"norms[{i}]")
+    for i, opt in enumerate(spec.optimizers):
+        _check_name(OPTIMIZERS, opt, path, f"optimizers[{i}]")
+    _check_name(NORMS, spec.reference.norm, path, "reference.norm")
+    _check_name(OPTIMIZERS, spec.reference.optimizer, path, "reference.optimizer")
+    for bname, budget in spec.budgets.items():
+        _check_name(MODELS, budget.model, path, f"budgets.{bname}.model")
+        for opt, hparams in budget.optimizers.items():
+            _check_name(OPTIMIZERS, opt, path, f"budgets.{bname}.optimizers.{opt}")
+            _check_hparams(path, f"budgets.{bname}.optimizers.{opt}", opt, hparams)
+        if budget.schedule == "multistep" and not budget.milestones:
+            raise SuiteError(f"{path}: budgets.{bname}.milestones: required by schedule 'multistep'.")
+    if not spec.budgets:
+        raise SuiteError(f"{path}: budgets: a suite needs at least one budget ({', '.join(BUDGETS)}).")
+    return Suite(spec, path)
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """A built-in suite by name, or a suite file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        return load_suite_file(path)
+    return load_suite_file(SUITES.get(name_or_path).obj)
+
+
+def default_budget() -> str:
+    return "full" if torch.cuda.is_available() else "cpu"
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines one run's numbers. Its hash (with the protocol version) is the
+    run key."""
+
+    suite: str
+    budget: str
+    protocol_version: int
+    task: str
+    dataset: str
+    norm: str
+    optimizer: str
+    seed: int
+    settings: dict[str, Any] = field(hash=False)  # the resolved budget: model, schedule, ...
+    hparams: dict[str, Any] = field(hash=False)  # the optimizer's hyper-parameters
+
+    @property
+    def model(self) -> str:
+        return self.settings["model"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def key(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """What a reader needs to know to reproduce the run, beyond the spec itself."""
+        return {
+            "weight_decay_rule": WEIGHT_DECAY_RULE,
+            "train_transforms": "random crop (zero padding) + horizontal flip, batched on device",
+            "eval_transforms": "none (32x32 input), normalized by the training-set mean and std",
+            "label": f"{self.norm} + {self.optimizer}",
+        }
+
+
+def plan(
+    suite: Suite,
+    budget: str,
+    *,
+    norms: list[str] | None = None,
+    optimizers: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> list[RunSpec]:
+    """Expand a suite at one budget into run specs (norm-major order, then optimizer, then seed)."""
+    b = suite.budget(budget)
+    norms = norms or list(suite.spec.norms)
+    optimizers = optimizers or list(suite.spec.optimizers)
+    seeds = list(suite.spec.seeds) if seeds is None else seeds
+    for norm in norms:
+        NORMS.get(norm)
+    for opt in optimizers:
+        OPTIMIZERS.get(opt)
+        if opt not in b.optimizers:
+            raise NormbenchError(
+                f"Suite {suite.name!r} gives no hyper-parameters for optimizer {opt!r} at budget "
+                f"{budget!r} (it has: {', '.join(b.optimizers)}). Add a "
+                f"[budgets.{budget}.optimizers.{opt}] table to {suite.path}."
+            )
+    settings = b.model_dump(exclude={"optimizers"})
+    return [
+        RunSpec(
+            suite=suite.name,
+            budget=budget,
+            protocol_version=suite.spec.protocol_version,
+            task=suite.spec.task,
+            dataset=suite.spec.dataset,
+            norm=norm,
+            optimizer=opt,
+            seed=seed,
+            settings=settings,
+            hparams=dict(b.optimizers[opt]),
+        )
+        for norm in norms
+        for opt in optimizers
+        for seed in seeds
+    ]

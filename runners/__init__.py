@@ -1,0 +1,1 @@
+"""What executes runs: ``classify`` trains and evaluates one RunSpec, ``local`` launches a list."""

@@ -1,0 +1,258 @@
+"""Train one image-classification RunSpec and evaluate it.
+
+The loop is deliberately plain: a tensor-resident loader, autocast where the budget asks for it,
+a per-step learning-rate factor, and one checkpoint per epoch so an interrupted run resumes from
+its last finished epoch with the same data order (the loader's generator state is saved too).
+A non-finite loss stops the run with status ``diverged`` and the step where it happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normbench import metrics as M
+from normbench.data import TensorLoader, load_dataset
+from normbench.metrics import Evaluation, MetricRow
+from normbench.models import conv_norm_factory, create_model, parameter_count
+from normbench.norms import NORMS
+from normbench.optim import create_optimizer, lr_factor
+from normbench.runtime import autocast_dtype, peak_memory_mb
+from normbench.suites import RunSpec
+
+WARMUP_STEPS = 5  # steps per epoch left out of the throughput figure (allocator, kernel choice)
+
+
+@dataclass
+class RunResult:
+    status: str  # "finished" or "diverged"
+    metrics: list[MetricRow] = field(default_factory=list)
+    curves: list[tuple[int, str, float]] = field(default_factory=list)  # (epoch, name, value)
+    epochs_done: int = 0
+    diverged_step: int | None = None
+    reason: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # provenance added by the runner
+
+
+@dataclass
+class Progress:
+    """Callbacks the launcher passes in to show progress (all optional)."""
+
+    on_start: Callable[[int, int], None] = lambda epochs, steps_per_epoch: None
+    on_step: Callable[[int], None] = lambda step: None
+    on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, values: None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, loader: TensorLoader, dtype: torch.dtype | None
+) -> Evaluation:
+    """Accuracy, loss, ECE and steady-state throughput (first batch excluded) on ``loader``."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    timed_images, start = 0, None
+    for i, (x, y) in enumerate(loader):
+        if i == 1:
+            _sync(loader.device)
+            start = time.perf_counter()
+        with _autocast(loader.device, dtype):
+            logits.append(model(x).float())
+        labels.append(y)
+        if i >= 1:
+            timed_images += len(y)
+    _sync(loader.device)
+    elapsed = time.perf_counter() - start if start is not None else 0.0
+    model.train(was_training)
+    accuracy, loss, ece = M.classification_metrics(torch.cat(logits).cpu(), torch.cat(labels).cpu())
+    rate = timed_images / elapsed if elapsed > 0 else float("nan")
+    return Evaluation(accuracy, loss, ece, rate)
+
+
+def norm_source_sha256(norm: str) -> str | None:
+    import hashlib
+
+    try:
+        source = inspect.getsource(NORMS.get(norm).obj)
+    except (OSError, TypeError):
+        return None
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def run(
+    spec: RunSpec,
+    *,
+    device: torch.device,
+    data_dir: str | Path | None = None,
+    checkpoint: Path | None = None,
+    progress: Progress | None = None,
+) -> RunResult:
+    progress = progress or Progress()
+    s = spec.settings
+    wall_start = time.perf_counter()
+    dtype = autocast_dtype(s["precision"], device)
+
+    # Subsets use a fixed seed, not the run's, so every run of a budget sees the same examples.
+    train_set = load_dataset(spec.dataset, "train", data_dir).subset(s["train_subset"], seed=0)
+    test_set = load_dataset(spec.dataset, "test", data_dir).subset(s["test_subset"], seed=0)
+
+    torch.manual_seed(spec.seed)
+    model = create_model(
+        s["model"],
+        block=conv_norm_factory(spec.norm),
+        num_classes=len(train_set.classes),
+        **s["model_args"],
+    ).to(device, memory_format=torch.channels_last)
+    optimizer = create_optimizer(spec.optimizer, model, **spec.hparams)
+    peak_lrs = [g["lr"] for g in optimizer.param_groups]
+    generator = torch.Generator().manual_seed(spec.seed)
+    train_loader = TensorLoader(
+        train_set,
+        s["batch_size"],
+        device=device,
+        train=True,
+        generator=generator,
+        crop_padding=s["augment"]["crop_padding"],
+        flip=s["augment"]["flip"],
+    )
+    test_loader = TensorLoader(test_set, s["eval_batch_size"], device=device, train=False)
+    steps_per_epoch = len(train_loader)
+    total_steps = s["epochs"] * steps_per_epoch
+
+    start_epoch, curves = 0, []
+    timed_images, timed_seconds, train_seconds, earlier_wall = 0, 0.0, 0.0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state.get("run_key") == spec.key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            start_epoch, curves = state["epoch"], state["curves"]
+            timed_images, timed_seconds = state["timed_images"], state["timed_seconds"]
+            train_seconds, earlier_wall = state["train_seconds"], state["wall_seconds"]
+
+    result = RunResult(status="finished", curves=curves, epochs_done=start_epoch)
+    result.info = {
+        "precision": "bf16" if dtype is torch.bfloat16 else "fp32",
+        "resumed_from_epoch": start_epoch,
+        "norm_source_sha256": norm_source_sha256(spec.norm),
+        "train_examples": len(train_set),
+        "test_examples": len(test_set),
+        "data_source": train_set.source,
+    }
+    progress.on_start(s["epochs"] - start_epoch, steps_per_epoch)
+    warmup = min(WARMUP_STEPS, steps_per_epoch // 4)
+    evaluation: Evaluation | None = None
+    model.train()
+    for epoch in range(start_epoch, s["epochs"]):
+        step = epoch * steps_per_epoch
+        losses, correct, seen = [], torch.zeros((), device=device), 0
+        epoch_start = time.perf_counter()
+        timer_start = epoch_start if warmup == 0 else None
+        for i, (x, y) in enumerate(train_loader):
+            if i == warmup and warmup > 0:
+                _sync(device)
+                timer_start = time.perf_counter()
+            factor = lr_factor(
+                s["schedule"], step, total_steps, warmup=s["warmup"], milestones=tuple(s["milestones"])
+            )
+            for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
+                group["lr"] = peak * factor
+            with _autocast(device, dtype):
+                out = model(x)
+                loss = F.cross_entropy(out, y, label_smoothing=s["label_smoothing"])
+            if not torch.isfinite(loss).item():
+                result.status, result.diverged_step = "diverged", step
+                result.reason = f"non-finite training loss ({loss.item()}) at step {step}"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+            step += 1
+            progress.on_step(step)
+        _sync(device)
+        now = time.perf_counter()
+        train_seconds += now - epoch_start
+        if timer_start is not None and result.status == "finished":
+            timed_images += (steps_per_epoch - warmup) * s["batch_size"]
+            timed_seconds += now - timer_start
+        if result.status == "diverged":
+            break
+        evaluation = evaluate(model, test_loader, dtype)
+        values = {
+            "train_loss": torch.stack(losses).float().mean().item(),
+            "train_accuracy": correct.item() / max(seen, 1),
+            "test_loss": evaluation.loss,
+            "test_accuracy": evaluation.accuracy,
+            "lr": peak_lrs[0] * factor,
+        }
+        curves.extend((epoch + 1, name, value) for name, value in values.items())
+        result.epochs_done = epoch + 1
+        progress.on_epoch(epoch + 1, values)
+        if checkpoint is not None and epoch + 1 < s["epochs"]:
+            _save_checkpoint(
+                checkpoint,
+                {
+                    "run_key": spec.key,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "curves": curves,
+                    "timed_images": timed_images,
+                    "timed_seconds": timed_seconds,
+                    "train_seconds": train_seconds,
+                    "wall_seconds": earlier_wall + time.perf_counter() - wall_start,
+                },
+            )
+
+    rows = [
+        MetricRow(M.PARAM_COUNT, float(parameter_count(model))),
+        MetricRow(M.EPOCHS, float(result.epochs_done)),
+        MetricRow(M.TRAIN_TIME, train_seconds),
+        MetricRow(M.PEAK_MEMORY, peak_memory_mb(device)),
+    ]
+    if timed_seconds > 0:
+        rows.append(MetricRow(M.TRAIN_THROUGHPUT, timed_images / timed_seconds, "train"))
+    if evaluation is not None and result.status == "finished":
+        rows += [
+            MetricRow(M.ACCURACY, evaluation.accuracy, "test"),
+            MetricRow(M.LOSS, evaluation.loss, "test"),
+            MetricRow(M.ECE, evaluation.ece, "test"),
+            MetricRow(M.EVAL_THROUGHPUT, evaluation.images_per_s, "test"),
+        ]
+    # Wall time sums the sessions of a resumed run (each from its own start, data loading included).
+    rows.append(MetricRow(M.WALL_TIME, earlier_wall + time.perf_counter() - wall_start))
+    result.metrics = rows
+    return result
