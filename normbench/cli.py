@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -33,6 +32,8 @@ app.add_typer(db_app, name="db")
 
 out = Console()
 err = Console(stderr=True)
+if not out.is_terminal:  # piped or captured: rich would wrap tables at 80 columns
+    out.width = 160
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,7 +75,7 @@ def _seeds(value: str | None) -> list[int] | None:
     return seeds
 
 
-class Budget(str, Enum):
+class Budget(StrEnum):
     smoke = "smoke"
     cpu = "cpu"
     full = "full"
@@ -93,8 +94,12 @@ Db = Annotated[
 @app.command()
 @user_errors
 def run(
-    suite: Annotated[str, typer.Option(help="Suite name (see `normbench list suites`) or TOML path.")],
-    budget: Annotated[Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")] = None,
+    suite: Annotated[
+        str, typer.Option(help="Suite name (see `normbench list suites`) or TOML path.")
+    ],
+    budget: Annotated[
+        Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")
+    ] = None,
     norms: Annotated[str | None, typer.Option(help="Comma-separated norm names.")] = None,
     optimizers: Annotated[str | None, typer.Option(help="Comma-separated optimizer names.")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = None,
@@ -115,22 +120,29 @@ def run(
     specs = plan(s, budget_name, norms=norm_list, optimizers=opt_list, seeds=seed_list)
     dev = resolve_device(device)
     store = open_store(config.db_url(db))
-    err.print(f"{len(specs)} run(s) of suite [bold]{s.name}[/bold], budget [bold]{budget_name}"
-              f"[/bold], on {dev}; results in {store.engine.url.render_as_string()}")  # fmt: skip
+    err.print(
+        f"{len(specs)} run(s) of suite [bold]{s.name}[/bold], budget [bold]{budget_name}"
+        f"[/bold], on {dev}; results in {store.engine.url.render_as_string()}"
+    )
     try:
         outcomes = run_specs(specs, store, device=dev, data_dir=data_dir, force=force, console=err)
     except KeyboardInterrupt:
-        err.print("[yellow]Interrupted.[/yellow] The run is marked interrupted; run the same "
-                  "command again to resume from its last finished epoch.")  # fmt: skip
+        err.print(
+            "[yellow]Interrupted.[/yellow] The run is marked interrupted; run the same "
+            "command again to resume from its last finished epoch."
+        )
         raise typer.Exit(130) from None
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
-    err.print("Summary: " + ", ".join(f"{n} {status}" for status, n in counts.items()) +
-              f". See `normbench leaderboard --suite {s.name} --budget {budget_name}`.")  # fmt: skip
+    err.print(
+        "Summary: "
+        + ", ".join(f"{n} {status}" for status, n in counts.items())
+        + f". See `normbench leaderboard --suite {s.name} --budget {budget_name}`."
+    )
 
 
-class ListKind(str, Enum):
+class ListKind(StrEnum):
     norms = "norms"
     optimizers = "optimizers"
     models = "models"
@@ -149,7 +161,9 @@ def list_(
     from normbench.optim import OPTIMIZERS
     from normbench.suites import SUITES
 
-    registry = {"norms": NORMS, "optimizers": OPTIMIZERS, "models": MODELS, "suites": SUITES}[kind.value]
+    registry = {"norms": NORMS, "optimizers": OPTIMIZERS, "models": MODELS, "suites": SUITES}[
+        kind.value
+    ]
     table = Table("name", "family", "capabilities", "description", title=kind.value)
     for name in registry.names(pattern):
         info = registry.info(name)
@@ -157,23 +171,35 @@ def list_(
     out.print(table)
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
 
 
-def _pct(mean: float, std: float) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+def _missing(value: Any) -> bool:
+    import pandas as pd
+
+    return value is None or bool(pd.isna(value))
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "-" if _missing(value) else fmt.format(value)
+
+
+def _pct(mean: Any, std: Any) -> str:
+    if _missing(mean):
         return "-"
-    return f"{100 * mean:.2f}" + ("" if std is None or math.isnan(std) else f" ± {100 * std:.2f}")
+    return f"{100 * mean:.2f}" + ("" if _missing(std) else f" ± {100 * std:.2f}")
 
 
 @app.command()
 @user_errors
 def leaderboard(
     suite: Annotated[str, typer.Option(help="Suite name.")],
-    budget: Annotated[Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")] = None,
+    budget: Annotated[
+        Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")
+    ] = None,
     format: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
     db: Db = None,
 ) -> None:
@@ -188,9 +214,11 @@ def leaderboard(
     store = open_store(config.db_url(db))
     table = query(store.engine, suite_name, budget_name)
     if table.empty:
-        err.print(f"No runs of suite {suite_name!r} at budget {budget_name!r} in "
-                  f"{store.engine.url.render_as_string()}. Produce some with `normbench run "
-                  f"--suite {suite_name} --budget {budget_name}`.")  # fmt: skip
+        err.print(
+            f"No runs of suite {suite_name!r} at budget {budget_name!r} in "
+            f"{store.engine.url.render_as_string()}. Produce some with `normbench run "
+            f"--suite {suite_name} --budget {budget_name}`."
+        )
         if format is not Format.table:
             typer.echo("[]" if format is Format.json else "")
         return
@@ -200,28 +228,27 @@ def leaderboard(
     if format is Format.json:
         typer.echo(json.dumps(json.loads(table.to_json(orient="records")), indent=1))
         return
-    t = Table("#", "norm", "optimizer", "accuracy %", "n", "ECE", "train speed vs BN",
-              "wall time s", "runs", title=f"{suite_name} / {budget_name}")  # fmt: skip
-    for r in table.itertuples(index=False):
-        row = r._asdict()
-        ece = row.get(f"{M.ECE}_mean", math.nan)
-        wall = row.get(f"{M.WALL_TIME}_mean", math.nan)
-        ratio = row.get("throughput_ratio", math.nan)
+    t = Table(title=f"{suite_name} / {budget_name}")
+    for header in ("#", "norm", "optimizer", "accuracy %"):
+        t.add_column(header, no_wrap=True)
+    for header in ("n", "ECE", "speed vs BN", "wall s", "runs"):
+        t.add_column(header, justify="right" if header != "runs" else "left")
+    for row in table.to_dict("records"):
         t.add_row(
-            "-" if row["rank"] is None or row["rank"] != row["rank"] else str(int(row["rank"])),
+            _num(row["rank"], "{:.0f}"),
             row["norm"],
             row["optimizer"],
             _pct(row.get(f"{M.ACCURACY}_mean"), row.get(f"{M.ACCURACY}_std")),
             str(row["n"]),
-            "-" if math.isnan(ece) else f"{ece:.3f}",
-            "-" if math.isnan(ratio) else f"{ratio:.2f}x",
-            "-" if math.isnan(wall) else f"{wall:.0f}",
+            _num(row.get(f"{M.ECE}_mean"), "{:.3f}"),
+            _num(row.get("throughput_ratio"), "{:.2f}x"),
+            _num(row.get(f"{M.WALL_TIME}_mean"), "{:.0f}"),
             row["status"],
         )
     out.print(t)
 
 
-class DatasetName(str, Enum):
+class DatasetName(StrEnum):
     cifar10 = "cifar10"
 
 

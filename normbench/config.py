@@ -4,8 +4,8 @@ Every location is resolved in one place, in this order: an explicit argument (a 
 an environment variable, then a per-user default directory from ``platformdirs``:
 
 - data directory: ``--data-dir`` / ``NORMBENCH_DATA_DIR`` (local dataset mirrors; optional)
-- cache directory: ``NORMBENCH_CACHE_DIR``, default the user cache dir (decoded tensors, checkpoints,
-  official downloads)
+- cache directory: ``NORMBENCH_CACHE_DIR``, default the user cache dir (decoded tensors,
+  checkpoints, official downloads)
 - results database: ``--db`` / ``NORMBENCH_DB`` (any SQLAlchemy URL or a file path), default
   ``normbench.db`` in the user data dir.
 """

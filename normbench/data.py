@@ -30,8 +30,17 @@ from normbench import config
 from normbench.errors import DataError
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
@@ -131,8 +140,17 @@ def _decode_parquet(files: list[Path], split: str) -> ArrayDataset:
             split=split,
             cache_dir=hf_cache,
         )
-        image_column = next(k for k, f in ds.features.items() if isinstance(f, datasets.Image))
-        label_column = next(k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel))
+        image_column = next(
+            (k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None
+        )
+        label_column = next(
+            (k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None
+        )
+        if image_column is None or label_column is None:
+            raise DataError(
+                f"{files[0]} is not in the Hugging Face image-classification layout: it needs an "
+                f"Image column and a ClassLabel column, and has {dict(ds.features)}."
+            )
         classes = tuple(ds.features[label_column].names)
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
         encoded = ds.with_format("arrow")[image_column].combine_chunks().field("bytes")
@@ -140,6 +158,11 @@ def _decode_parquet(files: list[Path], split: str) -> ArrayDataset:
         images = np.empty((len(ds), 32, 32, 3), dtype=np.uint8)
         for i in track(range(len(ds)), description=f"Decoding CIFAR-10 {split}", transient=True):
             with Image.open(io.BytesIO(encoded[i].as_py())) as im:
+                if im.size != (32, 32):
+                    raise DataError(
+                        f"{files[0]}: row {i} is a {im.size[0]}x{im.size[1]} image; CIFAR-10 "
+                        "images are 32x32."
+                    )
                 images[i] = np.asarray(im.convert("RGB"))
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     return ArrayDataset(tensor, torch.from_numpy(labels), classes, f"parquet:{files[0].parent}")
@@ -191,11 +214,15 @@ def load_cifar10(split: str, data_dir: str | Path | None = None) -> ArrayDataset
     if cached is not None:
         return cached
     ds = _build_cifar10(split, config.data_dir(data_dir))
-    expected = 50_000 if split == "train" else 10_000
-    if ds.images.shape != (expected, 3, 32, 32) or len(ds.classes) != 10:
+    shape_ok = ds.images.ndim == 4 and ds.images.shape[1:] == (3, 32, 32) and len(ds) > 0
+    labels_ok = (
+        len(ds.labels) == len(ds.images) and 0 <= int(ds.labels.min()) <= int(ds.labels.max()) < 10
+    )
+    if not (shape_ok and labels_ok and len(ds.classes) == 10):
         raise DataError(
-            f"CIFAR-10 {split} from {ds.source} has images of shape {tuple(ds.images.shape)} and "
-            f"{len(ds.classes)} classes; expected ({expected}, 3, 32, 32) and 10."
+            f"CIFAR-10 {split} from {ds.source} is not CIFAR-10: images of shape "
+            f"{tuple(ds.images.shape)}, {len(ds.labels)} labels, {len(ds.classes)} classes "
+            "(expected (N, 3, 32, 32) images, N labels in 0..9 and 10 classes)."
         )
     _write_cache("cifar10", split, ds)
     return ds

@@ -42,7 +42,10 @@ def _metric_stats(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
         .group_by(Run.norm, Run.optimizer, Metric.name)
     )
     with engine.connect() as conn:
-        return pd.DataFrame(conn.execute(query).all(), columns=["norm", "optimizer", "metric", "n", "mean", "mean_sq"])
+        return pd.DataFrame(
+            conn.execute(query).all(),
+            columns=["norm", "optimizer", "metric", "n", "mean", "mean_sq"],
+        )
 
 
 def _throughput_ratios(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
@@ -58,7 +61,9 @@ def _throughput_ratios(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
         .group_by(Run.norm, Run.optimizer, Run.device)
     )
     with engine.connect() as conn:
-        df = pd.DataFrame(conn.execute(query).all(), columns=["norm", "optimizer", "device", "rate"])
+        df = pd.DataFrame(
+            conn.execute(query).all(), columns=["norm", "optimizer", "device", "rate"]
+        )
     ref = df[df.norm == REFERENCE_NORM][["optimizer", "device", "rate"]]
     df = df.merge(ref, on=["optimizer", "device"], how="left", suffixes=("", "_ref"))
     df["throughput_ratio"] = df.rate / df.rate_ref
@@ -71,16 +76,21 @@ def _status_counts(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
         .where(Run.suite == suite, Run.budget == budget)
         .group_by(Run.norm, Run.optimizer, Run.status)
     )
+    order = list(RunStatus)
+    pairs: dict[tuple[str, str], dict[RunStatus, int]] = {}
     with engine.connect() as conn:
-        rows = [(n, o, s.value, c) for n, o, s, c in conn.execute(query).all()]
-    df = pd.DataFrame(rows, columns=["norm", "optimizer", "status", "count"])
-    order = {s.value: i for i, s in enumerate(RunStatus)}
-    df = df.sort_values("status", key=lambda s: s.map(order))
-    return df.groupby(["norm", "optimizer"], as_index=False).apply(
-        lambda g: pd.Series({"runs": int(g["count"].sum()), "status": ", ".join(
-            f"{c} {s}" for s, c in zip(g.status, g["count"], strict=True))}),
-        include_groups=False,
-    )  # fmt: skip
+        for norm, optimizer, status, count in conn.execute(query):
+            pairs.setdefault((norm, optimizer), {})[status] = count
+    rows = [
+        {
+            "norm": norm,
+            "optimizer": optimizer,
+            "runs": sum(counts.values()),
+            "status": ", ".join(f"{counts[s]} {s.value}" for s in order if s in counts),
+        }
+        for (norm, optimizer), counts in pairs.items()
+    ]
+    return pd.DataFrame(rows, columns=["norm", "optimizer", "runs", "status"])
 
 
 def leaderboard(engine: Engine, suite: str, budget: str, rank_by: str = M.ACCURACY) -> pd.DataFrame:
@@ -93,13 +103,19 @@ def leaderboard(engine: Engine, suite: str, budget: str, rank_by: str = M.ACCURA
     table = counts
     if not stats.empty:
         var = (stats.mean_sq - stats["mean"] ** 2).clip(lower=0) * stats.n / (stats.n - 1)
-        stats["std"] = [math.sqrt(v) if n > 1 else math.nan for v, n in zip(var, stats.n, strict=True)]
-        wide = stats.pivot_table(index=["norm", "optimizer"], columns="metric", values=["mean", "std"], dropna=False)
+        stats["std"] = [
+            math.sqrt(v) if n > 1 else math.nan for v, n in zip(var, stats.n, strict=True)
+        ]
+        wide = stats.pivot_table(
+            index=["norm", "optimizer"], columns="metric", values=["mean", "std"], dropna=False
+        )
         wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
         n = stats[stats.metric == rank_by][["norm", "optimizer", "n"]]
         table = counts.merge(wide.reset_index(), on=["norm", "optimizer"], how="left")
         table = table.merge(n, on=["norm", "optimizer"], how="left")
-        table = table.merge(_throughput_ratios(engine, suite, budget), on=["norm", "optimizer"], how="left")
+        table = table.merge(
+            _throughput_ratios(engine, suite, budget), on=["norm", "optimizer"], how="left"
+        )
     for column in (f"{rank_by}_mean", "n", "throughput_ratio"):
         if column not in table:
             table[column] = math.nan

@@ -44,7 +44,9 @@ class Evaluation:
     images_per_s: float
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[float, float, float]:
     """Accuracy, mean cross-entropy and ECE of float ``logits`` (N, K) against ``labels`` (N,)."""
     logits = logits.float()
     accuracy = (logits.argmax(1) == labels).float().mean().item()

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
 from normbench.registry import Registry
 
 NormFactory = Callable[..., nn.Module]
-NormSpec = Union[str, NormFactory]
+NormSpec = str | NormFactory
 
 NORMS: Registry[NormFactory] = Registry("norm")
 register_norm = NORMS.register

@@ -58,7 +58,9 @@ class Registry(Generic[T]):
             self.add(
                 name,
                 obj,
-                EntryInfo(name, description or _first_doc_line(obj), family, frozenset(capabilities)),
+                EntryInfo(
+                    name, description or _first_doc_line(obj), family, frozenset(capabilities)
+                ),
             )
             return obj
 
@@ -73,7 +75,9 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownNameError(self.kind, name, self.closest(name), sorted(self._entries)) from None
+            raise UnknownNameError(
+                self.kind, name, self.closest(name), sorted(self._entries)
+            ) from None
 
     def info(self, name: str) -> EntryInfo:
         return self.get(name).info

@@ -65,9 +65,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.inference_mode()
-def evaluate(
-    model: nn.Module, loader: TensorLoader, dtype: torch.dtype | None
-) -> Evaluation:
+def evaluate(model: nn.Module, loader: TensorLoader, dtype: torch.dtype | None) -> Evaluation:
     """Accuracy, loss, ECE and steady-state throughput (first batch excluded) on ``loader``."""
     was_training = model.training
     model.eval()
@@ -182,7 +180,11 @@ def run(
                 _sync(device)
                 timer_start = time.perf_counter()
             factor = lr_factor(
-                s["schedule"], step, total_steps, warmup=s["warmup"], milestones=tuple(s["milestones"])
+                s["schedule"],
+                step,
+                total_steps,
+                warmup=s["warmup"],
+                milestones=tuple(s["milestones"]),
             )
             for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
                 group["lr"] = peak * factor
@@ -219,7 +221,6 @@ def run(
         }
         curves.extend((epoch + 1, name, value) for name, value in values.items())
         result.epochs_done = epoch + 1
-        progress.on_epoch(epoch + 1, values)
         if checkpoint is not None and epoch + 1 < s["epochs"]:
             _save_checkpoint(
                 checkpoint,
@@ -236,6 +237,7 @@ def run(
                     "wall_seconds": earlier_wall + time.perf_counter() - wall_start,
                 },
             )
+        progress.on_epoch(epoch + 1, values)  # after the checkpoint: what it reports is saved
 
     rows = [
         MetricRow(M.PARAM_COUNT, float(parameter_count(model))),

@@ -75,7 +75,9 @@ def run_specs(
         key, ckpt = spec.key, checkpoint_path(spec.key)
         existing = store.get_run(key)
         if existing is not None and existing.status is RunStatus.finished and not force:
-            console.print(f"[dim]skip[/dim] {label(spec)}: already finished (run {key}; --force re-runs it)")
+            console.print(
+                f"[dim]skip[/dim] {label(spec)}: already finished (run {key}; --force re-runs it)"
+            )
             outcomes.append(Outcome(spec, "skipped"))
             continue
         if force:
@@ -83,17 +85,26 @@ def run_specs(
         resuming = ckpt.exists()
         with deferred_interrupt():
             store.begin_run(
-                spec.to_dict(), key, device=str(device), provenance=provenance(device),
-                config={**spec.to_dict(), "protocol": spec.protocol}, reset=not resuming,
-            )  # fmt: skip
-        console.print(f"[bold]{'resume' if resuming else 'run'}[/bold] {label(spec)} "
-                      f"[dim]{spec.suite}/{spec.budget}, run {key}[/dim]")  # fmt: skip
+                spec.to_dict(),
+                key,
+                device=str(device),
+                provenance=provenance(device),
+                config={**spec.to_dict(), "protocol": spec.protocol},
+                reset=not resuming,
+            )
+        console.print(
+            f"[bold]{'resume' if resuming else 'run'}[/bold] {label(spec)} "
+            f"[dim]{spec.suite}/{spec.budget}, run {key}[/dim]"
+        )
         try:
-            result = _run_with_progress(spec, device, data_dir, ckpt, console)
+            result = _run_with_progress(spec, device, data_dir, ckpt, console, store)
         except KeyboardInterrupt:
             with deferred_interrupt():
-                store.mark(key, RunStatus.interrupted,
-                           "interrupted; re-run the same command to resume from the last epoch")
+                store.mark(
+                    key,
+                    RunStatus.interrupted,
+                    "interrupted; re-run the same command to resume from the last epoch",
+                )
             raise
         except NormbenchError as err:
             # A problem with the user's input or environment (e.g. missing data) would fail every
@@ -110,16 +121,22 @@ def run_specs(
             continue
         with deferred_interrupt():
             store.finish_run(
-                key, status=RunStatus(result.status), metrics=result.metrics,
-                curves=result.curves, epochs_done=result.epochs_done,
-                diverged_step=result.diverged_step, error=result.reason,
+                key,
+                status=RunStatus(result.status),
+                metrics=result.metrics,
+                curves=result.curves,
+                epochs_done=result.epochs_done,
+                diverged_step=result.diverged_step,
+                error=result.reason,
                 provenance_update=result.info,
-            )  # fmt: skip
+            )
         ckpt.unlink(missing_ok=True)
         values = {m.name: m.value for m in result.metrics}
         if result.status == "finished":
-            detail = (f"accuracy {values[M.ACCURACY]:.2%}, wall time {values[M.WALL_TIME]:.0f} s, "
-                      f"{values.get(M.TRAIN_THROUGHPUT, float('nan')):.0f} train images/s")  # fmt: skip
+            detail = (
+                f"accuracy {values[M.ACCURACY]:.2%}, wall time {values[M.WALL_TIME]:.0f} s, "
+                f"{values.get(M.TRAIN_THROUGHPUT, float('nan')):.0f} train images/s"
+            )
             console.print(f"[green]done[/green] {label(spec)}: {detail}")
         else:
             detail = result.reason or ""
@@ -128,21 +145,40 @@ def run_specs(
     return outcomes
 
 
-def _run_with_progress(spec: RunSpec, device: torch.device, data_dir: str | Path | None,
-                       ckpt: Path, console: Console) -> classify.RunResult:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())  # fmt: skip
+def _run_with_progress(
+    spec: RunSpec,
+    device: torch.device,
+    data_dir: str | Path | None,
+    ckpt: Path,
+    console: Console,
+    store: Store,
+) -> classify.RunResult:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("preparing data", total=None)
 
         def on_start(epochs: int, steps_per_epoch: int) -> None:
-            bar.update(task, description=f"training {label(spec)}", total=epochs * steps_per_epoch,
-                       completed=0)  # fmt: skip
+            bar.update(
+                task,
+                description=f"training {label(spec)}",
+                total=epochs * steps_per_epoch,
+                completed=0,
+            )
 
         def on_epoch(epoch: int, values: dict[str, float]) -> None:
-            console.print(f"  epoch {epoch}/{spec.settings['epochs']}: train loss "
-                          f"{values['train_loss']:.3f}, test accuracy {values['test_accuracy']:.2%}")
+            with deferred_interrupt():
+                store.record_epoch(spec.key, epoch)
+            console.print(
+                f"  epoch {epoch}/{spec.settings['epochs']}: train loss "
+                f"{values['train_loss']:.3f}, test accuracy {values['test_accuracy']:.2%}"
+            )
 
-        hooks = classify.Progress(on_start=on_start, on_step=lambda step: bar.advance(task),
-                                  on_epoch=on_epoch)  # fmt: skip
+        hooks = classify.Progress(
+            on_start=on_start, on_step=lambda step: bar.advance(task), on_epoch=on_epoch
+        )
         return classify.run(spec, device=device, data_dir=data_dir, checkpoint=ckpt, progress=hooks)

@@ -14,9 +14,15 @@ branch_labels = None
 depends_on = None
 
 RUN_STATUS = sa.Enum(
-    "running", "finished", "failed", "diverged", "interrupted",
-    name="run_status", native_enum=False, length=16,
-)  # fmt: skip
+    "running",
+    "finished",
+    "failed",
+    "diverged",
+    "interrupted",
+    name="run_status",
+    native_enum=False,
+    length=16,
+)
 
 
 def upgrade() -> None:
@@ -48,13 +54,17 @@ def upgrade() -> None:
     op.create_table(
         "metrics",
         sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "run_id", sa.Integer, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("name", sa.String(64), nullable=False),
         sa.Column("split", sa.String(32), nullable=False),
         sa.Column("corruption", sa.String(64), nullable=False),
         sa.Column("severity", sa.Integer, nullable=False),
         sa.Column("value", sa.Float, nullable=False),
-        sa.UniqueConstraint("run_id", "name", "split", "corruption", "severity", name="uq_metric_row"),
+        sa.UniqueConstraint(
+            "run_id", "name", "split", "corruption", "severity", name="uq_metric_row"
+        ),
     )
     op.create_index(
         "ix_metrics_lookup", "metrics", ["name", "split", "corruption", "severity", "run_id"]
@@ -62,7 +72,9 @@ def upgrade() -> None:
     op.create_table(
         "curve_points",
         sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "run_id", sa.Integer, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("epoch", sa.Integer, nullable=False),
         sa.Column("name", sa.String(64), nullable=False),
         sa.Column("value", sa.Float, nullable=False),

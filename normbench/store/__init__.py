@@ -78,18 +78,42 @@ class Store:
         with self.session() as s:
             return s.scalar(select(Run).where(Run.run_key == key))
 
-    def begin_run(self, spec_dict: dict[str, Any], key: str, *, device: str,
-                  provenance: dict[str, Any], config: dict[str, Any], reset: bool) -> int:
+    def begin_run(
+        self,
+        spec_dict: dict[str, Any],
+        key: str,
+        *,
+        device: str,
+        provenance: dict[str, Any],
+        config: dict[str, Any],
+        reset: bool,
+    ) -> int:
         """Create or re-open the run row with status ``running``; ``reset`` drops old results."""
         with self.session() as s, s.begin():
             run = s.scalar(select(Run).where(Run.run_key == key))
             if run is None:
-                fields = {k: spec_dict[k] for k in (
-                    "suite", "budget", "protocol_version", "task", "dataset", "norm",
-                    "optimizer", "seed")}  # fmt: skip
-                run = Run(run_key=key, model=spec_dict["settings"]["model"], **fields,
-                          status=RunStatus.running, epochs_done=0, config=config,
-                          provenance=provenance)  # fmt: skip
+                fields = {
+                    k: spec_dict[k]
+                    for k in (
+                        "suite",
+                        "budget",
+                        "protocol_version",
+                        "task",
+                        "dataset",
+                        "norm",
+                        "optimizer",
+                        "seed",
+                    )
+                }
+                run = Run(
+                    run_key=key,
+                    model=spec_dict["settings"]["model"],
+                    **fields,
+                    status=RunStatus.running,
+                    epochs_done=0,
+                    config=config,
+                    provenance=provenance,
+                )
                 s.add(run)
             elif reset:
                 s.execute(delete(Metric).where(Metric.run_id == run.id))
@@ -100,24 +124,47 @@ class Store:
             s.flush()
             return run.id
 
-    def finish_run(self, key: str, *, status: RunStatus, metrics: Iterable[MetricRow],
-                   curves: Iterable[tuple[int, str, float]], epochs_done: int,
-                   diverged_step: int | None = None, error: str | None = None,
-                   provenance_update: dict[str, Any] | None = None) -> None:
+    def finish_run(
+        self,
+        key: str,
+        *,
+        status: RunStatus,
+        metrics: Iterable[MetricRow],
+        curves: Iterable[tuple[int, str, float]],
+        epochs_done: int,
+        diverged_step: int | None = None,
+        error: str | None = None,
+        provenance_update: dict[str, Any] | None = None,
+    ) -> None:
         """Write a run's results and final status in one transaction."""
         with self.session() as s, s.begin():
             run = s.scalars(select(Run).where(Run.run_key == key)).one()
             s.execute(delete(Metric).where(Metric.run_id == run.id))
             s.execute(delete(CurvePoint).where(CurvePoint.run_id == run.id))
-            s.add_all(Metric(run_id=run.id, name=m.name, split=m.split, corruption=m.corruption,
-                             severity=m.severity, value=float(m.value)) for m in metrics)  # fmt: skip
-            s.add_all(CurvePoint(run_id=run.id, epoch=e, name=n, value=float(v))
-                      for e, n, v in curves)  # fmt: skip
+            s.add_all(
+                Metric(
+                    run_id=run.id,
+                    name=m.name,
+                    split=m.split,
+                    corruption=m.corruption,
+                    severity=m.severity,
+                    value=float(m.value),
+                )
+                for m in metrics
+            )
+            s.add_all(
+                CurvePoint(run_id=run.id, epoch=e, name=n, value=float(v)) for e, n, v in curves
+            )
             run.status, run.epochs_done = status, epochs_done
             run.diverged_step, run.error = diverged_step, error
             run.finished_at = utcnow()
             if provenance_update:
                 run.provenance = {**run.provenance, **provenance_update}
+
+    def record_epoch(self, key: str, epoch: int) -> None:
+        """Note a checkpointed epoch, so an interrupted run shows how far it got."""
+        with self.session() as s, s.begin():
+            s.scalars(select(Run).where(Run.run_key == key)).one().epochs_done = epoch
 
     def mark(self, key: str, status: RunStatus, error: str | None = None) -> None:
         with self.session() as s, s.begin():
@@ -126,7 +173,7 @@ class Store:
 
 
 def open_store(url: str, *, migrate: bool = True) -> Store:
-    """Connect to ``url`` and bring its schema to the newest revision (unless ``migrate`` is off)."""
+    """Connect to ``url`` and bring its schema to the newest revision (unless not ``migrate``)."""
     engine = create_db_engine(url)
     try:
         current, head = schema_revisions(engine)

@@ -9,14 +9,17 @@ accepts a path to a TOML file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import tomllib
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import pydantic
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -102,10 +105,8 @@ SUITES: Registry[Path] = Registry("suite")
 def _register_builtin_suites() -> None:
     for path in sorted(BUILTIN_DIR.glob("*.toml")):
         description = ""
-        try:
+        with contextlib.suppress(tomllib.TOMLDecodeError):  # reported in full when loaded
             description = tomllib.loads(path.read_text()).get("description", "")
-        except tomllib.TOMLDecodeError:
-            pass  # reported in full when the suite is loaded
         SUITES.add(path.stem, path, EntryInfo(path.stem, description, "classify"))
 
 
@@ -118,7 +119,8 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 def _check_name(registry: Registry, name: str, path: Path, key: str) -> None:
     if name not in registry:
-        raise SuiteError(f"{path}: {key}: {UnknownNameError(registry.kind, name, registry.closest(name), registry.names())}")
+        unknown = UnknownNameError(registry.kind, name, registry.closest(name), registry.names())
+        raise SuiteError(f"{path}: {key}: {unknown}")
 
 
 def _check_hparams(path: Path, key: str, optimizer: str, hparams: dict[str, Any]) -> None:
@@ -131,9 +133,28 @@ def _check_hparams(path: Path, key: str, optimizer: str, hparams: dict[str, Any]
                 f"{path}: {key}.{hp}: unknown hyper-parameter for optimizer {optimizer!r}; "
                 f"allowed: {', '.join(allowed)}."
             )
-    missing = [n for n in allowed if params[n].default is inspect.Parameter.empty and n not in hparams]
+    missing = [
+        n for n in allowed if params[n].default is inspect.Parameter.empty and n not in hparams
+    ]
     if missing:
-        raise SuiteError(f"{path}: {key}: missing required hyper-parameter(s) {', '.join(missing)}.")
+        raise SuiteError(
+            f"{path}: {key}: missing required hyper-parameter(s) {', '.join(missing)}."
+        )
+    # Type-check against the builder's annotations (JSON mode: TOML arrays may fill tuples, but a
+    # string is never silently turned into a number).
+    hints = typing.get_type_hints(builder)
+    fields: dict[str, Any] = {n: (hints.get(n, Any), params[n].default) for n in allowed}
+    for n in allowed:
+        if params[n].default is inspect.Parameter.empty:
+            fields[n] = (hints.get(n, Any), ...)
+    model = pydantic.create_model(
+        f"{optimizer}_hparams", __config__=ConfigDict(strict=True), **fields
+    )
+    try:
+        model.model_validate_json(json.dumps(hparams))
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise SuiteError(f"{path}: {key}.{_location(e['loc'])}: {e['msg']}.") from None
 
 
 def load_suite_file(path: Path) -> Suite:
@@ -149,7 +170,11 @@ def load_suite_file(path: Path) -> Suite:
     except ValidationError as err:
         problems = []
         for e in err.errors():
-            what = "unknown key (not part of the suite schema)" if e["type"] == "extra_forbidden" else e["msg"]
+            what = (
+                "unknown key (not part of the suite schema)"
+                if e["type"] == "extra_forbidden"
+                else e["msg"]
+            )
             problems.append(f"{_location(e['loc'])}: {what}")
         raise SuiteError(f"{path}: invalid suite file: " + "; ".join(problems) + ".") from None
     for i, norm in enumerate(spec.norms):
@@ -164,9 +189,13 @@ def load_suite_file(path: Path) -> Suite:
             _check_name(OPTIMIZERS, opt, path, f"budgets.{bname}.optimizers.{opt}")
             _check_hparams(path, f"budgets.{bname}.optimizers.{opt}", opt, hparams)
         if budget.schedule == "multistep" and not budget.milestones:
-            raise SuiteError(f"{path}: budgets.{bname}.milestones: required by schedule 'multistep'.")
+            raise SuiteError(
+                f"{path}: budgets.{bname}.milestones: required by schedule 'multistep'."
+            )
     if not spec.budgets:
-        raise SuiteError(f"{path}: budgets: a suite needs at least one budget ({', '.join(BUDGETS)}).")
+        raise SuiteError(
+            f"{path}: budgets: a suite needs at least one budget ({', '.join(BUDGETS)})."
+        )
     return Suite(spec, path)
 
 

@@ -1,0 +1,251 @@
+"""Real runs on real CIFAR-10 at the smoke budget: store, rank, reproduce, diverge, fail, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from normbench import metrics as M
+from normbench.cli import app
+from normbench.norms import NORMS, register_norm
+from normbench.store import CurvePoint, Metric, Run, RunStatus, open_store
+from normbench.suites import BUILTIN_DIR
+
+SUITE_TEXT = (BUILTIN_DIR / "cifar10.toml").read_text()
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def runs(db: str) -> dict[str, Run]:
+    store = open_store(f"sqlite:///{db}")
+    with store.session() as s:
+        return {f"{r.norm}+{r.optimizer}+{r.seed}": r for r in s.scalars(select(Run))}
+
+
+def metric(db: str, run: Run, name: str, split: str = "") -> float:
+    store = open_store(f"sqlite:///{db}")
+    with store.session() as s:
+        return s.scalars(
+            select(Metric.value).where(
+                Metric.run_id == run.id, Metric.name == name, Metric.split == split
+            )
+        ).one()
+
+
+@pytest.fixture
+def db(tmp_path) -> str:
+    return str(tmp_path / "results.db")
+
+
+def test_smoke_suite_trains_stores_and_ranks(cifar_dir, db):
+    result = invoke(
+        "run",
+        "--suite",
+        "cifar10",
+        "--budget",
+        "smoke",
+        "--norms",
+        "batchnorm,layernorm",
+        "--optimizers",
+        "sgd",
+        "--db",
+        db,
+    )
+    assert result.exit_code == 0, result.output
+    found = runs(db)
+    assert {r.status for r in found.values()} == {RunStatus.finished}
+    bn = found["batchnorm+sgd+0"]
+    accuracy = metric(db, bn, M.ACCURACY, "test")
+    assert 0.25 < accuracy <= 1.0  # well above the 10% of chance after two tiny epochs
+    assert metric(db, bn, M.TRAIN_THROUGHPUT, "train") > 0
+    assert metric(db, bn, M.PARAM_COUNT) > 0 and 0 <= metric(db, bn, M.ECE, "test") <= 1
+    assert bn.provenance["torch"] == torch.__version__ and bn.provenance["device"] == "cpu"
+    assert bn.config["protocol"]["weight_decay_rule"].startswith("decay conv/linear weights only")
+    with open_store(f"sqlite:///{db}").session() as s:
+        curves = s.scalars(select(CurvePoint).where(CurvePoint.run_id == bn.id)).all()
+    assert {(c.epoch, c.name) for c in curves} >= {(2, "test_accuracy"), (1, "train_loss")}
+
+    board = invoke(
+        "leaderboard", "--suite", "cifar10", "--budget", "smoke", "--db", db, "--format", "json"
+    )
+    rows = json.loads(board.output)
+    assert [r["rank"] for r in rows] == [1, 2]
+    assert {r["norm"] for r in rows} == {"batchnorm", "layernorm"}
+    assert rows[0]["accuracy_mean"] >= rows[1]["accuracy_mean"]
+    by_norm = {r["norm"]: r for r in rows}
+    assert by_norm["batchnorm"]["throughput_ratio"] == pytest.approx(1.0)
+    assert by_norm["batchnorm"]["accuracy_mean"] == pytest.approx(accuracy)
+    csv = invoke(
+        "leaderboard", "--suite", "cifar10", "--budget", "smoke", "--db", db, "--format", "csv"
+    )
+    assert csv.output.splitlines()[0].startswith("rank,norm,optimizer")
+    table = invoke("leaderboard", "--suite", "cifar10", "--budget", "smoke", "--db", db)
+    assert "batchnorm" in table.output and "layernorm" in table.output
+
+    # A finished run key is skipped unless forced.
+    again = invoke(
+        "run",
+        "--suite",
+        "cifar10",
+        "--budget",
+        "smoke",
+        "--norms",
+        "batchnorm",
+        "--optimizers",
+        "sgd",
+        "--db",
+        db,
+    )
+    assert "already finished" in again.output and "1 skipped" in again.output
+
+
+def test_same_seed_gives_same_numbers_and_seeds_aggregate(cifar_dir, db):
+    args = (
+        "run",
+        "--suite",
+        "cifar10",
+        "--budget",
+        "smoke",
+        "--norms",
+        "batchnorm",
+        "--optimizers",
+        "sgd",
+        "--db",
+        db,
+    )
+    assert invoke(*args, "--seeds", "0,1").exit_code == 0
+    first = runs(db)
+    values = {k: metric(db, r, M.LOSS, "test") for k, r in first.items()}
+    assert invoke(*args, "--seeds", "0", "--force").exit_code == 0
+    rerun = runs(db)["batchnorm+sgd+0"]
+    assert metric(db, rerun, M.LOSS, "test") == values["batchnorm+sgd+0"]
+    assert values["batchnorm+sgd+0"] != values["batchnorm+sgd+1"]
+    rows = json.loads(
+        invoke(
+            "leaderboard", "--suite", "cifar10", "--budget", "smoke", "--db", db, "--format", "json"
+        ).output
+    )
+    assert rows[0]["n"] == 2 and rows[0]["accuracy_std"] > 0
+
+
+def test_diverged_and_failed_runs_are_recorded_and_the_suite_goes_on(cifar_dir, db, tmp_path):
+    suite = tmp_path / "hot.toml"
+    suite.write_text(SUITE_TEXT.replace("lr = 0.2, momentum", "lr = 1.0e12, momentum", 1))
+
+    if "test-broken" not in NORMS:
+
+        @register_norm("test-broken", description="raises in forward (test only)")
+        class Broken(torch.nn.Identity):
+            def __init__(self, num_channels: int) -> None:
+                super().__init__()
+
+            def forward(self, x):
+                raise RuntimeError("this norm is broken on purpose")
+
+    result = invoke(
+        "run",
+        "--suite",
+        str(suite),
+        "--budget",
+        "smoke",
+        "--norms",
+        "test-broken,batchnorm",
+        "--optimizers",
+        "sgd,adamw",
+        "--db",
+        db,
+    )
+    assert result.exit_code == 0, result.output
+    found = runs(db)
+    assert found["test-broken+sgd+0"].status is RunStatus.failed
+    assert "broken on purpose" in found["test-broken+sgd+0"].error
+    assert found["batchnorm+sgd+0"].status is RunStatus.diverged
+    assert found["batchnorm+sgd+0"].diverged_step is not None
+    assert found["batchnorm+adamw+0"].status is RunStatus.finished  # the suite went on
+    rows = json.loads(
+        invoke(
+            "leaderboard", "--suite", "cifar10", "--budget", "smoke", "--db", db, "--format", "json"
+        ).output
+    )
+    by_pair = {(r["norm"], r["optimizer"]): r for r in rows}
+    assert by_pair[("batchnorm", "sgd")]["status"] == "1 diverged"
+    assert by_pair[("batchnorm", "sgd")]["rank"] is None
+    assert by_pair[("batchnorm", "adamw")]["rank"] == 1
+
+
+def test_sigint_mid_epoch_then_resume(cifar_dir, tmp_path, db):
+    """Kill a run with SIGINT after its first checkpoint, re-run it, and compare with a run that
+    was never interrupted: the resumed run must finish with the same numbers."""
+    suite = tmp_path / "long.toml"
+    suite.write_text(
+        SUITE_TEXT.replace("epochs = 2\n", "epochs = 6\n", 1).replace(
+            "train_subset = 2048", "train_subset = 8192", 1
+        )
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "normbench.cli",
+        "run",
+        "--suite",
+        str(suite),
+        "--budget",
+        "smoke",
+        "--norms",
+        "batchnorm",
+        "--optimizers",
+        "sgd",
+        "--db",
+        db,
+    ]
+    env = dict(os.environ)
+    checkpoints = Path(env["NORMBENCH_CACHE_DIR"]) / "checkpoints"
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    while (
+        not list(checkpoints.glob("*.pt")) and time.monotonic() < deadline and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "resume" in output
+    run = runs(db)["batchnorm+sgd+0"]
+    assert run.status is RunStatus.interrupted and 1 <= run.epochs_done < 6
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume batchnorm + sgd" in resumed.stderr
+    run = runs(db)["batchnorm+sgd+0"]
+    assert run.status is RunStatus.finished and run.epochs_done == 6
+    assert run.provenance["resumed_from_epoch"] >= 1
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    straight_db = str(tmp_path / "straight.db")
+    straight = subprocess.run(
+        cmd[:-1] + [straight_db, "--force"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert straight.returncode == 0, straight.stderr
+    reference = runs(straight_db)["batchnorm+sgd+0"]
+    assert metric(straight_db, reference, M.LOSS, "test") == metric(db, run, M.LOSS, "test")
