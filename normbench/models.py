@@ -136,8 +136,11 @@ def resnet56(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
 
 
 class FastNet(nn.Module):
-    """Seven 3x3 conv-norm-GELU layers in the style of airbench: a stem and three stages of
-    (conv, pool, conv); global max pooling and a linear head. Sized for minutes on a CPU."""
+    """Seven 3x3 conv-norm-GELU layers in the style of airbench: a stem, then three stages of
+    (2x2 max pool, conv, conv), global max pooling and a linear head. Pooling before each stage's
+    first convolution keeps the full-resolution work to the stem, which makes the net about twice
+    as fast as pooling between the two convolutions at a small cost in accuracy: sized for
+    minutes on a CPU."""
 
     def __init__(self, *, block: BlockFactory, num_classes: int, widths: Sequence[int]):
         super().__init__()
@@ -147,9 +150,9 @@ class FastNet(nn.Module):
         in_channels = stem_width
         for w in stage_widths:
             stages += [
+                nn.MaxPool2d(2),
                 block(in_channels, w, 3, 1),
                 nn.GELU(),
-                nn.MaxPool2d(2),
                 block(w, w, 3, 1),
                 nn.GELU(),
             ]
@@ -164,11 +167,12 @@ class FastNet(nn.Module):
 
 @register_model(
     "fastnet",
-    description="Small fast CIFAR net (7 conv layers, widths 32-64-128-128) for CPU budgets.",
+    description="Small fast CIFAR net (7 conv layers, widths 32-64-128-256, 1.2M parameters) "
+    "for CPU budgets.",
     family="vgg",
 )
 def fastnet(
-    *, block: BlockFactory, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128, 128)
+    *, block: BlockFactory, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128, 256)
 ) -> nn.Module:
     return FastNet(block=block, num_classes=num_classes, widths=widths)
 

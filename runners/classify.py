@@ -9,6 +9,7 @@ A non-finite loss stops the run with status ``diverged`` and the step where it h
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import os
 import time
@@ -51,6 +52,7 @@ class Progress:
     on_start: Callable[[int, int], None] = lambda epochs, steps_per_epoch: None
     on_step: Callable[[int], None] = lambda step: None
     on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, values: None
+    on_eval_batch: Callable[[int, int], None] = lambda done, total: None
 
 
 def _sync(device: torch.device) -> None:
@@ -65,7 +67,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: TensorLoader, dtype: torch.dtype | None) -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    loader: TensorLoader,
+    dtype: torch.dtype | None,
+    on_batch: Callable[[int, int], None] = lambda done, total: None,
+) -> Evaluation:
     """Accuracy, loss, ECE and steady-state throughput (first batch excluded) on ``loader``."""
     was_training = model.training
     model.eval()
@@ -80,6 +87,7 @@ def evaluate(model: nn.Module, loader: TensorLoader, dtype: torch.dtype | None) 
         labels.append(y)
         if i >= 1:
             timed_images += len(y)
+        on_batch(i + 1, len(loader))
     _sync(loader.device)
     elapsed = time.perf_counter() - start if start is not None else 0.0
     model.train(was_training)
@@ -89,8 +97,6 @@ def evaluate(model: nn.Module, loader: TensorLoader, dtype: torch.dtype | None) 
 
 
 def norm_source_sha256(norm: str) -> str | None:
-    import hashlib
-
     try:
         source = inspect.getsource(NORMS.get(norm).obj)
     except (OSError, TypeError):
@@ -211,7 +217,7 @@ def run(
             timed_seconds += now - timer_start
         if result.status == "diverged":
             break
-        evaluation = evaluate(model, test_loader, dtype)
+        evaluation = evaluate(model, test_loader, dtype, progress.on_eval_batch)
         values = {
             "train_loss": torch.stack(losses).float().mean().item(),
             "train_accuracy": correct.item() / max(seen, 1),

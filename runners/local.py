@@ -161,6 +161,7 @@ def _run_with_progress(
     )
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("preparing data", total=None)
+        eval_task = bar.add_task("evaluating", total=None, visible=False)
 
         def on_start(epochs: int, steps_per_epoch: int) -> None:
             bar.update(
@@ -178,7 +179,13 @@ def _run_with_progress(
                 f"{values['train_loss']:.3f}, test accuracy {values['test_accuracy']:.2%}"
             )
 
+        def on_eval_batch(done: int, total: int) -> None:
+            bar.update(eval_task, completed=done, total=total, visible=done < total)
+
         hooks = classify.Progress(
-            on_start=on_start, on_step=lambda step: bar.advance(task), on_epoch=on_epoch
+            on_start=on_start,
+            on_step=lambda step: bar.advance(task),
+            on_epoch=on_epoch,
+            on_eval_batch=on_eval_batch,
         )
         return classify.run(spec, device=device, data_dir=data_dir, checkpoint=ckpt, progress=hooks)

@@ -194,7 +194,7 @@ def test_sigint_mid_epoch_then_resume(cifar_dir, tmp_path, db):
     suite = tmp_path / "long.toml"
     suite.write_text(
         SUITE_TEXT.replace("epochs = 2\n", "epochs = 6\n", 1).replace(
-            "train_subset = 2048", "train_subset = 8192", 1
+            "train_subset = 4096", "train_subset = 8192", 1
         )
     )
     cmd = [
