@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import resource
 import subprocess
@@ -65,8 +66,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+@functools.cache
 def git_revision() -> str | None:
-    """The git revision of normbench's source tree, with "+dirty" for local changes, if any."""
+    """The git revision of normbench's source tree, with "+dirty" for local changes, if any.
+
+    Read once per process: that is the code this process imported and runs."""
     root = Path(normbench.__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None

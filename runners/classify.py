@@ -111,6 +111,17 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
+def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:
+    """The saved state, or None when there is none or it cannot be read (then start afresh)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint only costs the epochs it held
+        path.unlink(missing_ok=True)
+        return None
+
+
 def run(
     spec: RunSpec,
     *,
@@ -153,15 +164,14 @@ def run(
 
     start_epoch, curves = 0, []
     timed_images, timed_seconds, train_seconds, earlier_wall = 0, 0.0, 0.0, 0.0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state.get("run_key") == spec.key:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            start_epoch, curves = state["epoch"], state["curves"]
-            timed_images, timed_seconds = state["timed_images"], state["timed_seconds"]
-            train_seconds, earlier_wall = state["train_seconds"], state["wall_seconds"]
+    state = _load_checkpoint(checkpoint, device) if checkpoint is not None else None
+    if state is not None and state.get("run_key") == spec.key:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start_epoch, curves = state["epoch"], state["curves"]
+        timed_images, timed_seconds = state["timed_images"], state["timed_seconds"]
+        train_seconds, earlier_wall = state["train_seconds"], state["wall_seconds"]
 
     result = RunResult(status="finished", curves=curves, epochs_done=start_epoch)
     result.info = {

@@ -6,19 +6,11 @@ import urllib.error
 import urllib.request
 
 import pytest
-from typer.testing import CliRunner
+from helpers import invoke, smoke_run
 
-from normbench.cli import app
 from normbench.suites import BUILTIN_DIR
 
 SUITE_TEXT = (BUILTIN_DIR / "cifar10.toml").read_text()
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, list(args))
-    assert "Traceback" not in result.output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
-    return result
 
 
 def write_suite(tmp_path, text):
@@ -110,19 +102,7 @@ def test_missing_data_offline(tmp_path, fresh_cache, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = invoke(
-        "run",
-        "--suite",
-        "cifar10",
-        "--budget",
-        "smoke",
-        "--norms",
-        "batchnorm",
-        "--optimizers",
-        "sgd",
-        "--data-dir",
-        str(empty),
-    )
+    result = smoke_run(f"--data-dir={empty}")
     text = " ".join(result.output.split())
     assert result.exit_code == 2
     assert "CIFAR-10 is not available" in text and "--data-dir" in text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -13,38 +12,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import invoke, leaderboard_json, smoke_run
 from sqlalchemy import select
-from typer.testing import CliRunner
 
 from normbench import metrics as M
-from normbench.cli import app
 from normbench.norms import NORMS, register_norm
 from normbench.store import CurvePoint, Metric, Run, RunStatus, open_store
-from normbench.suites import BUILTIN_DIR
+from normbench.suites import BUILTIN_DIR, load_suite, plan
+from runners.local import checkpoint_path
 
 SUITE_TEXT = (BUILTIN_DIR / "cifar10.toml").read_text()
 
 
-def invoke(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    assert "Traceback" not in result.output, result.output
-    return result
-
-
 def runs(db: str) -> dict[str, Run]:
-    store = open_store(f"sqlite:///{db}")
-    with store.session() as s:
+    with open_store(f"sqlite:///{db}").session() as s:
         return {f"{r.norm}+{r.optimizer}+{r.seed}": r for r in s.scalars(select(Run))}
 
 
 def metric(db: str, run: Run, name: str, split: str = "") -> float:
-    store = open_store(f"sqlite:///{db}")
-    with store.session() as s:
-        return s.scalars(
-            select(Metric.value).where(
-                Metric.run_id == run.id, Metric.name == name, Metric.split == split
-            )
-        ).one()
+    query = select(Metric.value).where(
+        Metric.run_id == run.id, Metric.name == name, Metric.split == split
+    )
+    with open_store(f"sqlite:///{db}").session() as s:
+        return s.scalars(query).one()
+
+
+def integrity(db: str) -> str:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0]
 
 
 @pytest.fixture
@@ -53,26 +48,15 @@ def db(tmp_path) -> str:
 
 
 def test_smoke_suite_trains_stores_and_ranks(cifar_dir, db):
-    result = invoke(
-        "run",
-        "--suite",
-        "cifar10",
-        "--budget",
-        "smoke",
-        "--norms",
-        "batchnorm,layernorm",
-        "--optimizers",
-        "sgd",
-        "--db",
-        db,
-    )
+    result = smoke_run(f"--db={db}", norms="batchnorm,layernorm")
     assert result.exit_code == 0, result.output
     found = runs(db)
     assert {r.status for r in found.values()} == {RunStatus.finished}
     bn = found["batchnorm+sgd+0"]
     accuracy = metric(db, bn, M.ACCURACY, "test")
-    assert 0.25 < accuracy <= 1.0  # well above the 10% of chance after two tiny epochs
+    assert 0.25 < accuracy <= 1.0  # well above the 10% of chance after two short epochs
     assert metric(db, bn, M.TRAIN_THROUGHPUT, "train") > 0
+    assert metric(db, bn, M.EVAL_THROUGHPUT, "test") > 0
     assert metric(db, bn, M.PARAM_COUNT) > 0 and 0 <= metric(db, bn, M.ECE, "test") <= 1
     assert bn.provenance["torch"] == torch.__version__ and bn.provenance["device"] == "cpu"
     assert bn.config["protocol"]["weight_decay_rule"].startswith("decay conv/linear weights only")
@@ -80,66 +64,30 @@ def test_smoke_suite_trains_stores_and_ranks(cifar_dir, db):
         curves = s.scalars(select(CurvePoint).where(CurvePoint.run_id == bn.id)).all()
     assert {(c.epoch, c.name) for c in curves} >= {(2, "test_accuracy"), (1, "train_loss")}
 
-    board = invoke(
-        "leaderboard", "--suite", "cifar10", "--budget", "smoke", "--db", db, "--format", "json"
-    )
-    rows = json.loads(board.output)
+    rows = leaderboard_json(db)
     assert [r["rank"] for r in rows] == [1, 2]
     assert {r["norm"] for r in rows} == {"batchnorm", "layernorm"}
     assert rows[0]["accuracy_mean"] >= rows[1]["accuracy_mean"]
     by_norm = {r["norm"]: r for r in rows}
     assert by_norm["batchnorm"]["throughput_ratio"] == pytest.approx(1.0)
     assert by_norm["batchnorm"]["accuracy_mean"] == pytest.approx(accuracy)
-    csv = invoke(
-        "leaderboard", "--suite", "cifar10", "--budget", "smoke", "--db", db, "--format", "csv"
-    )
+    csv = invoke("leaderboard", "--suite=cifar10", "--budget=smoke", f"--db={db}", "--format=csv")
     assert csv.output.splitlines()[0].startswith("rank,norm,optimizer")
-    table = invoke("leaderboard", "--suite", "cifar10", "--budget", "smoke", "--db", db)
+    table = invoke("leaderboard", "--suite=cifar10", "--budget=smoke", f"--db={db}")
     assert "batchnorm" in table.output and "layernorm" in table.output
 
-    # A finished run key is skipped unless forced.
-    again = invoke(
-        "run",
-        "--suite",
-        "cifar10",
-        "--budget",
-        "smoke",
-        "--norms",
-        "batchnorm",
-        "--optimizers",
-        "sgd",
-        "--db",
-        db,
-    )
+    again = smoke_run(f"--db={db}")  # a finished run key is skipped unless forced
     assert "already finished" in again.output and "1 skipped" in again.output
 
 
 def test_same_seed_gives_same_numbers_and_seeds_aggregate(cifar_dir, db):
-    args = (
-        "run",
-        "--suite",
-        "cifar10",
-        "--budget",
-        "smoke",
-        "--norms",
-        "batchnorm",
-        "--optimizers",
-        "sgd",
-        "--db",
-        db,
-    )
-    assert invoke(*args, "--seeds", "0,1").exit_code == 0
-    first = runs(db)
-    values = {k: metric(db, r, M.LOSS, "test") for k, r in first.items()}
-    assert invoke(*args, "--seeds", "0", "--force").exit_code == 0
+    assert smoke_run(f"--db={db}", "--seeds=0,1").exit_code == 0
+    first = {k: metric(db, r, M.LOSS, "test") for k, r in runs(db).items()}
+    assert smoke_run(f"--db={db}", "--seeds=0", "--force").exit_code == 0
     rerun = runs(db)["batchnorm+sgd+0"]
-    assert metric(db, rerun, M.LOSS, "test") == values["batchnorm+sgd+0"]
-    assert values["batchnorm+sgd+0"] != values["batchnorm+sgd+1"]
-    rows = json.loads(
-        invoke(
-            "leaderboard", "--suite", "cifar10", "--budget", "smoke", "--db", db, "--format", "json"
-        ).output
-    )
+    assert metric(db, rerun, M.LOSS, "test") == first["batchnorm+sgd+0"]
+    assert first["batchnorm+sgd+0"] != first["batchnorm+sgd+1"]
+    rows = leaderboard_json(db)
     assert rows[0]["n"] == 2 and rows[0]["accuracy_std"] > 0
 
 
@@ -157,18 +105,8 @@ def test_diverged_and_failed_runs_are_recorded_and_the_suite_goes_on(cifar_dir, 
             def forward(self, x):
                 raise RuntimeError("this norm is broken on purpose")
 
-    result = invoke(
-        "run",
-        "--suite",
-        str(suite),
-        "--budget",
-        "smoke",
-        "--norms",
-        "test-broken,batchnorm",
-        "--optimizers",
-        "sgd,adamw",
-        "--db",
-        db,
+    result = smoke_run(
+        f"--db={db}", suite=str(suite), norms="test-broken,batchnorm", optimizers="sgd,adamw"
     )
     assert result.exit_code == 0, result.output
     found = runs(db)
@@ -177,12 +115,7 @@ def test_diverged_and_failed_runs_are_recorded_and_the_suite_goes_on(cifar_dir, 
     assert found["batchnorm+sgd+0"].status is RunStatus.diverged
     assert found["batchnorm+sgd+0"].diverged_step is not None
     assert found["batchnorm+adamw+0"].status is RunStatus.finished  # the suite went on
-    rows = json.loads(
-        invoke(
-            "leaderboard", "--suite", "cifar10", "--budget", "smoke", "--db", db, "--format", "json"
-        ).output
-    )
-    by_pair = {(r["norm"], r["optimizer"]): r for r in rows}
+    by_pair = {(r["norm"], r["optimizer"]): r for r in leaderboard_json(db)}
     assert by_pair[("batchnorm", "sgd")]["status"] == "1 diverged"
     assert by_pair[("batchnorm", "sgd")]["rank"] is None
     assert by_pair[("batchnorm", "adamw")]["rank"] == 1
@@ -192,36 +125,18 @@ def test_sigint_mid_epoch_then_resume(cifar_dir, tmp_path, db):
     """Kill a run with SIGINT after its first checkpoint, re-run it, and compare with a run that
     was never interrupted: the resumed run must finish with the same numbers."""
     suite = tmp_path / "long.toml"
-    suite.write_text(
-        SUITE_TEXT.replace("epochs = 2\n", "epochs = 6\n", 1).replace(
-            "train_subset = 4096", "train_subset = 8192", 1
-        )
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "normbench.cli",
-        "run",
-        "--suite",
-        str(suite),
-        "--budget",
-        "smoke",
-        "--norms",
-        "batchnorm",
-        "--optimizers",
-        "sgd",
-        "--db",
-        db,
-    ]
+    longer = SUITE_TEXT.replace("epochs = 2\n", "epochs = 6\n", 1)
+    suite.write_text(longer.replace("train_subset = 4096", "train_subset = 8192", 1))
+    cmd = [sys.executable, "-m", "normbench.cli", "run", f"--suite={suite}", "--budget=smoke",
+           "--norms=batchnorm", "--optimizers=sgd"]  # fmt: skip
     env = dict(os.environ)
     checkpoints = Path(env["NORMBENCH_CACHE_DIR"]) / "checkpoints"
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*cmd, f"--db={db}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.monotonic() + 120
-    while (
-        not list(checkpoints.glob("*.pt")) and time.monotonic() < deadline and proc.poll() is None
-    ):
+    while not list(checkpoints.glob("*.pt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
         time.sleep(0.05)
     time.sleep(0.3)  # into the next epoch
     proc.send_signal(signal.SIGINT)
@@ -230,22 +145,32 @@ def test_sigint_mid_epoch_then_resume(cifar_dir, tmp_path, db):
     assert "Traceback" not in output and "resume" in output
     run = runs(db)["batchnorm+sgd+0"]
     assert run.status is RunStatus.interrupted and 1 <= run.epochs_done < 6
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert integrity(db) == "ok"
 
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*cmd, f"--db={db}"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resume batchnorm + sgd" in resumed.stderr
     run = runs(db)["batchnorm+sgd+0"]
     assert run.status is RunStatus.finished and run.epochs_done == 6
     assert run.provenance["resumed_from_epoch"] >= 1
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert integrity(db) == "ok"
 
     straight_db = str(tmp_path / "straight.db")
-    straight = subprocess.run(
-        cmd[:-1] + [straight_db, "--force"], env=env, capture_output=True, text=True, timeout=300
-    )
+    straight_cmd = [*cmd, f"--db={straight_db}"]
+    straight = subprocess.run(straight_cmd, env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
     reference = runs(straight_db)["batchnorm+sgd+0"]
+    assert reference.provenance["resumed_from_epoch"] == 0
     assert metric(straight_db, reference, M.LOSS, "test") == metric(db, run, M.LOSS, "test")
+
+
+def test_damaged_checkpoint_is_discarded_and_the_run_starts_afresh(cifar_dir, db):
+    spec = plan(load_suite("cifar10"), "smoke", norms=["batchnorm"], optimizers=["sgd"])[0]
+    ckpt = checkpoint_path(spec.key)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    result = smoke_run(f"--db={db}")
+    assert result.exit_code == 0, result.output
+    run = runs(db)["batchnorm+sgd+0"]
+    assert run.status is RunStatus.finished and run.provenance["resumed_from_epoch"] == 0
+    assert not ckpt.exists()

@@ -82,3 +82,10 @@ def test_run_life_cycle_and_metric_rows(tmp_path):
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM metrics")).scalar() == 0
         assert conn.execute(text("SELECT count(*) FROM runs")).scalar() == 1
+
+
+@pytest.mark.parametrize("url", ["nosuchdb://x", "postgresql+nosuchdriver://u@h/db"])
+def test_unusable_database_url_is_a_clear_error(url):
+    result = CliRunner().invoke(app, ["db", "upgrade", "--db", url])
+    assert result.exit_code == 2 and "Cannot use the database URL" in result.output
+    assert "Traceback" not in result.output

@@ -17,7 +17,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, delete, event, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session
 
 from normbench.errors import NormbenchError
@@ -38,7 +38,13 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def create_db_engine(url: str) -> Engine:
-    engine = create_engine(url)
+    try:
+        engine = create_engine(url)
+    except (ArgumentError, ImportError) as err:
+        raise NormbenchError(
+            f"Cannot use the database URL {url!r}: {err}. Use a file path for SQLite, or an "
+            "SQLAlchemy URL whose driver is installed (e.g. postgresql+psycopg://... with psycopg)."
+        ) from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
