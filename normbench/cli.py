@@ -31,7 +31,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(db_app, name="db")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # log lines stay whole when captured
 if not out.is_terminal:  # piped or captured: rich would wrap tables at 80 columns
     out.width = 160
 
