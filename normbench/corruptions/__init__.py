@@ -1,0 +1,95 @@
+"""The corruption engine: the 15 + 4 common corruptions as batched tensor operations.
+
+Every corruption is a function ``fn(x, params, generator) -> y`` on float images ``x`` (N,3,H,W)
+in [0, 1], on any device; ``params`` is the parameter set of one severity from the table for the
+image size (``tables.py``) and ``generator`` a seeded CPU ``torch.Generator`` from which all of
+its randomness is drawn, so a seed fixes the corrupted set. :func:`corrupt` wraps them: it
+accepts uint8 or float batches, picks the table, and returns the input dtype. uint8 results are
+truncated, as the reference scripts' ``np.uint8`` cast does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from normbench.corruptions.tables import TABLE_VERSION, table_for
+from normbench.errors import NormbenchError
+from normbench.registry import Registry
+
+CorruptionFn = Callable[[torch.Tensor, Any, torch.Generator], torch.Tensor]
+
+CORRUPTIONS: Registry[CorruptionFn] = Registry("corruption")
+register_corruption = CORRUPTIONS.register
+
+#: Capability flag: the corruption draws random numbers (others are deterministic).
+RANDOM = "random"
+
+BENCHMARK = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+    "jpeg_compression",
+)  # fmt: skip
+EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+ALL = BENCHMARK + EXTRA
+FAMILIES = {
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
+    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
+    "weather": ("snow", "frost", "fog", "brightness"),
+    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
+}
+SEVERITIES = (1, 2, 3, 4, 5)
+
+# float32 arithmetic leaves results that are integers in exact arithmetic a hair below them;
+# the reference works in float64, so allow this much before truncating to uint8.
+_TRUNCATION_SLACK = 1e-4
+
+
+def check(name: str, severity: int) -> None:
+    """Raise a clear error for an unknown corruption or a severity outside 1..5."""
+    CORRUPTIONS.get(name)
+    if severity not in SEVERITIES:
+        raise NormbenchError(f"Severity {severity!r} is out of range; valid severities are 1..5.")
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] or float [0, 1] images as float32 in [0, 1]."""
+    if images.dtype == torch.uint8:
+        return images.float() / 255
+    return images.float()
+
+
+def from_unit(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Clip to [0, 1] and return in ``dtype`` (uint8 by truncation, as ``np.uint8`` does)."""
+    x = x.clamp(0, 1)
+    if dtype == torch.uint8:
+        return (x * 255 + _TRUNCATION_SLACK).floor_().clamp_(0, 255).to(torch.uint8)
+    return x.to(dtype)
+
+
+def corrupt(
+    images: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Apply corruption ``name`` at ``severity`` (1..5) to a batch (N,3,H,W), uint8 or float."""
+    check(name, severity)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise NormbenchError(f"Expected images of shape (N, 3, H, W), got {tuple(images.shape)}.")
+    _, table = table_for(images.shape[-2], images.shape[-1])
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    fn = CORRUPTIONS.get(name).obj
+    return from_unit(fn(to_unit(images), table[name][severity - 1], generator), images.dtype)
+
+
+def _register_all() -> None:
+    # Importing the modules registers their corruptions.
+    from normbench.corruptions import blur, digital, geometric, noise, weather  # noqa: F401
+
+
+_register_all()
+
+__all__ = [
+    "ALL", "BENCHMARK", "CORRUPTIONS", "EXTRA", "FAMILIES", "RANDOM", "SEVERITIES",
+    "TABLE_VERSION", "check", "corrupt", "register_corruption",
+]  # fmt: skip

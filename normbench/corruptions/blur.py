@@ -1,0 +1,1 @@
+"""Blur corruptions: gaussian, glass, defocus, motion and zoom blur."""

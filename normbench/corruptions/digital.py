@@ -1,0 +1,80 @@
+"""Digital and colour corruptions: brightness, contrast, saturate, pixelate, jpeg_compression.
+
+Colour changes go through scikit-image's HSV conversion (as the reference does, including its
+hue-0 convention for grey pixels); pixelate reproduces Pillow's BOX resampling (integer-rounded
+8-bit passes, horizontal then vertical); JPEG goes through libjpeg via torchvision, as Pillow's
+does, with the same default 4:2:0 chroma subsampling.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torchvision.io import decode_jpeg, encode_jpeg
+
+from normbench.corruptions import register_corruption
+from normbench.corruptions.ops import hsv_to_rgb, rgb_to_hsv
+
+
+@register_corruption("brightness", family="weather", description="HSV value + c")
+def brightness(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
+    hsv = rgb_to_hsv(x.double())  # float64 like the reference: HSV round trips are lossy
+    hsv[:, 2] = (hsv[:, 2] + c).clamp(0, 1)
+    return hsv_to_rgb(hsv).to(x.dtype)
+
+
+@register_corruption("contrast", family="digital", description="(x - mean) c + mean per channel")
+def contrast(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
+    means = x.mean(dim=(2, 3), keepdim=True)
+    return (x - means) * c + means
+
+
+@register_corruption("saturate", family="digital", description="HSV saturation s c1 + c2")
+def saturate(x: torch.Tensor, c: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+    hsv = rgb_to_hsv(x.double())
+    hsv[:, 1] = (hsv[:, 1] * c[0] + c[1]).clamp(0, 1)
+    return hsv_to_rgb(hsv).to(x.dtype)
+
+
+@functools.cache
+def pil_box_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """Pillow's BOX resampling as an (out_size, in_size) matrix (``precompute_coeffs``)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale
+    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        for j in range(lo, hi):
+            t = (j - center + 0.5) / filterscale
+            weights[i, j] = 1.0 if -0.5 < t <= 0.5 else 0.0
+        weights[i] /= weights[i].sum()
+    return weights
+
+
+def pil_box_resize(x255: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (N,C,H,W) 8-bit values to ``size`` x ``size`` like ``Image.resize(.., BOX)``."""
+    h, w = x255.shape[-2:]
+    cols = pil_box_weights(w, size).to(x255)
+    rows = pil_box_weights(h, size).to(x255)
+    x255 = torch.floor(x255 @ cols.T + 0.5)  # horizontal pass, rounded to 8 bits
+    return torch.floor(rows @ x255 + 0.5)  # then vertical
+
+
+@register_corruption("pixelate", family="digital",
+                     description="BOX-downsample to int(s c), BOX-upsample back")  # fmt: skip
+def pixelate(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
+    size = x.shape[-1]
+    x255 = torch.round(x * 255)
+    return pil_box_resize(pil_box_resize(x255, int(size * c)), size) / 255
+
+
+@register_corruption("jpeg_compression", family="digital", description="JPEG at quality q")
+def jpeg_compression(x: torch.Tensor, quality: int, g: torch.Generator) -> torch.Tensor:
+    images = torch.round(x * 255).to(torch.uint8).cpu()
+    encoded = encode_jpeg(list(images), quality=int(quality))
+    decoded = decode_jpeg(encoded)
+    return torch.stack(decoded).to(x.device, torch.float32) / 255

@@ -1,0 +1,1 @@
+"""Geometric corruptions: elastic_transform."""

@@ -1,0 +1,175 @@
+"""Batched image operations the corruptions share, written to match the reference libraries.
+
+Images are float tensors (N, C, H, W). Border modes are named as in SciPy, which the reference
+scripts use through scikit-image: ``nearest`` repeats the edge (a a | a b c), ``reflect`` is the
+half-sample symmetric extension (b a | a b c), ``mirror`` the whole-sample one (c b | a b c; what
+OpenCV calls BORDER_REFLECT_101).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BORDER_MODES = ("nearest", "reflect", "mirror")
+
+
+def border_index(n: int, pad: int, mode: str, device: torch.device | None = None) -> torch.Tensor:
+    """Source indices of a length-``n`` axis padded by ``pad`` on both sides in ``mode``."""
+    i = torch.arange(-pad, n + pad, device=device)
+    if mode == "nearest":
+        return i.clamp(0, n - 1)
+    if mode == "reflect":  # period 2n: 0..n-1, then n-1..0
+        i = i % (2 * n)
+        return torch.where(i >= n, 2 * n - 1 - i, i)
+    if mode == "mirror":  # period 2n-2: 0..n-1, then n-2..1
+        if n == 1:
+            return torch.zeros_like(i)
+        i = i % (2 * n - 2)
+        return torch.where(i >= n, 2 * n - 2 - i, i)
+    raise ValueError(f"unknown border mode {mode!r}; use one of {BORDER_MODES}")
+
+
+def pad2d(x: torch.Tensor, pad_h: int, pad_w: int, mode: str) -> torch.Tensor:
+    """Pad the last two axes of ``x`` by gathering with :func:`border_index` (any pad width)."""
+    if pad_h:
+        x = x.index_select(-2, border_index(x.shape[-2], pad_h, mode, x.device))
+    if pad_w:
+        x = x.index_select(-1, border_index(x.shape[-1], pad_w, mode, x.device))
+    return x
+
+
+def correlate_separable(
+    x: torch.Tensor, k_rows: torch.Tensor, k_cols: torch.Tensor, mode: str
+) -> torch.Tensor:
+    """Per-channel correlation of ``x`` (N,C,H,W) with the outer product of two odd 1-D kernels."""
+    n, c, h, w = x.shape
+    ph, pw = len(k_rows) // 2, len(k_cols) // 2
+    y = pad2d(x.reshape(n * c, 1, h, w), ph, pw, mode)
+    y = F.conv2d(y, k_rows.to(x).view(1, 1, -1, 1))
+    y = F.conv2d(y, k_cols.to(x).view(1, 1, 1, -1))
+    return y.reshape(n, c, h, w)
+
+
+def correlate2d(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-channel correlation of ``x`` (N,C,H,W) with one odd 2-D ``kernel`` (OpenCV filter2D)."""
+    n, c, h, w = x.shape
+    kh, kw = kernel.shape
+    y = pad2d(x.reshape(n * c, 1, h, w), kh // 2, kw // 2, mode)
+    return F.conv2d(y, kernel.to(x).view(1, 1, kh, kw)).reshape(n, c, h, w)
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """SciPy's Gaussian kernel: radius ``int(truncate * sigma + 0.5)``, normalised to sum 1."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    phi = torch.exp(-0.5 / (sigma * sigma) * x * x)
+    return phi / phi.sum()
+
+
+def gaussian_filter(
+    x: torch.Tensor, sigma: float, mode: str = "nearest", truncate: float = 4.0
+) -> torch.Tensor:
+    """``scipy.ndimage.gaussian_filter`` over H and W of each channel (skimage ``gaussian``)."""
+    if sigma <= 0:
+        return x
+    k = gaussian_kernel1d(sigma, truncate)
+    return correlate_separable(x, k, k, mode)
+
+
+def opencv_gaussian_kernel(ksize: int, sigma: float) -> torch.Tensor:
+    """``cv2.getGaussianKernel(ksize, sigma)`` for sigma > 0 (float64)."""
+    x = torch.arange(ksize, dtype=torch.float64) - (ksize - 1) / 2
+    g = torch.exp(-(x * x) / (2 * sigma * sigma))
+    return g / g.sum()
+
+
+# --- colour -------------------------------------------------------------------------------------
+
+
+def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    """scikit-image's ``rgb2hsv`` for (N,3,H,W) in [0,1]: H in [0,1), S = delta/V (0 if V=0)."""
+    r, g, b = rgb.unbind(1)
+    v, _ = rgb.max(1)
+    delta = v - rgb.min(1).values
+    s = torch.where(delta > 0, delta / v.clamp_min(1e-12), torch.zeros_like(v))
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(
+        r == v,
+        (g - b) / safe,
+        torch.where(g == v, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe),
+    )
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack((h, s, v), 1)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """scikit-image's ``hsv2rgb`` for (N,3,H,W)."""
+    h, s, v = hsv.unbind(1)
+    hi = torch.floor(h * 6)
+    f = h * 6 - hi
+    p = v * (1 - s)
+    q = v * (1 - f * s)
+    t = v * (1 - (1 - f) * s)
+    hi = hi.long() % 6
+    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = torch.zeros_like(hsv)
+    for k, (r, g, b) in enumerate(choices):
+        mask = (hi == k).unsqueeze(1)
+        out = torch.where(mask, torch.stack((r, g, b), 1), out)
+    return out
+
+
+def rgb_to_gray(rgb: torch.Tensor) -> torch.Tensor:
+    """OpenCV's ``COLOR_RGB2GRAY`` weights, keeping a channel axis: (N,1,H,W)."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype, device=rgb.device)
+    return (rgb * w.view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+# --- geometry -----------------------------------------------------------------------------------
+
+
+def motion_blur(
+    x: torch.Tensor, radius: float, sigma: float, angles_deg: torch.Tensor
+) -> torch.Tensor:
+    """ImageMagick's ``MotionBlurImage`` on a batch, one angle per image (float, not quantised).
+
+    Kernel width ``2*ceil(radius)+1``; one-sided weights ``exp(-i^2 / (2 sigma^2))`` for i = 0..
+    width-1, normalised to sum 1; tap i samples the pixel ``(ceil(i sin(a) - 0.5),
+    ceil(i cos(a) - 0.5))`` rows/columns ahead, clamped to the image edge (ImageMagick's default
+    "edge" virtual pixels).
+    """
+    n, c, h, w = x.shape
+    width = int(2 * math.ceil(radius) + 1)
+    i = torch.arange(width, dtype=torch.float64)
+    weights = torch.exp(-(i * i) / (2 * sigma * sigma))
+    weights = (weights / weights.sum()).to(x.dtype)
+    theta = torch.deg2rad(angles_deg.to(torch.float64).cpu())
+    dy = torch.ceil(i[None] * torch.sin(theta)[:, None] - 0.5).long().to(x.device)  # (N, width)
+    dx = torch.ceil(i[None] * torch.cos(theta)[:, None] - 0.5).long().to(x.device)
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    out = torch.zeros_like(x)
+    for tap in range(width):
+        r = (rows[None] + dy[:, tap, None]).clamp(0, h - 1)  # (N, H)
+        q = (cols[None] + dx[:, tap, None]).clamp(0, w - 1)  # (N, W)
+        shifted = x.gather(2, r[:, None, :, None].expand(n, c, h, w))
+        shifted = shifted.gather(3, q[:, None, None, :].expand(n, c, h, w))
+        out += weights[tap] * shifted
+    return out
+
+
+def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
+    """The reference scripts' centre zoom of square images: crop the central ``ceil(h/zoom)``
+    square, resize it by ``zoom`` with linear interpolation (``scipy.ndimage.zoom`` order 1, which
+    maps corner to corner) and trim the centre ``h x h`` back out."""
+    h = x.shape[-2]
+    ch = int(math.ceil(h / zoom))
+    top = (h - ch) // 2
+    crop = x[..., top : top + ch, top : top + ch]
+    size = int(round(ch * zoom))
+    zoomed = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=True)
+    trim = (size - h) // 2
+    return zoomed[..., trim : trim + h, trim : trim + h]

@@ -1,0 +1,1 @@
+"""Weather corruptions: snow, frost, fog and spatter."""
