@@ -1,7 +1,8 @@
 """The corruption engine: the 15 + 4 common corruptions as batched tensor operations.
 
 Every corruption is a function ``fn(x, params, generator) -> y`` on float images ``x`` (N,3,H,W)
-in [0, 1], on any device; ``params`` is the parameter set of one severity from the table for the
+in [0, 1] (float64 for uint8 input, see :func:`to_unit`; code must keep ``x``'s dtype), on any
+device; ``params`` is the parameter set of one severity from the table for the
 image size (``tables.py``) and ``generator`` a seeded CPU ``torch.Generator`` from which all of
 its randomness is drawn, so a seed fixes the corrupted set. :func:`corrupt` wraps them: it
 accepts uint8 or float batches, picks the table, and returns the input dtype. uint8 results are
@@ -42,9 +43,10 @@ FAMILIES = {
 }
 SEVERITIES = (1, 2, 3, 4, 5)
 
-# float32 arithmetic leaves results that are integers in exact arithmetic a hair below them;
-# the reference works in float64, so allow this much before truncating to uint8.
-_TRUNCATION_SLACK = 1e-4
+# float32 arithmetic leaves results that are integers in exact arithmetic a hair below them, where
+# the reference's float64 lands on the integer; allow this much before truncating float32 results.
+# Corruptions that compute in float64 return float64 and are truncated exactly, like the reference.
+_FLOAT32_SLACK = 1e-4
 
 
 def check(name: str, severity: int) -> None:
@@ -55,17 +57,19 @@ def check(name: str, severity: int) -> None:
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] or float [0, 1] images as float32 in [0, 1]."""
+    """Images in [0, 1]: uint8 input becomes float64, as in the reference scripts (``x / 255.``),
+    so results truncate to the same uint8 values; float input keeps its precision."""
     if images.dtype == torch.uint8:
-        return images.float() / 255
-    return images.float()
+        return images.double() / 255
+    return images if images.is_floating_point() else images.float()
 
 
 def from_unit(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Clip to [0, 1] and return in ``dtype`` (uint8 by truncation, as ``np.uint8`` does)."""
     x = x.clamp(0, 1)
     if dtype == torch.uint8:
-        return (x * 255 + _TRUNCATION_SLACK).floor_().clamp_(0, 255).to(torch.uint8)
+        slack = 0.0 if x.dtype == torch.float64 else _FLOAT32_SLACK
+        return (x * 255 + slack).floor_().clamp_(0, 255).to(torch.uint8)
     return x.to(dtype)
 
 

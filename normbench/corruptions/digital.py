@@ -2,16 +2,18 @@
 
 Colour changes go through scikit-image's HSV conversion (as the reference does, including its
 hue-0 convention for grey pixels); pixelate reproduces Pillow's BOX resampling (integer-rounded
-8-bit passes, horizontal then vertical); JPEG goes through libjpeg via torchvision, as Pillow's
-does, with the same default 4:2:0 chroma subsampling.
+8-bit passes, horizontal then vertical); JPEG is encoded and decoded by Pillow (libjpeg, default
+4:2:0 chroma subsampling), as in the reference.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 
+import numpy as np
 import torch
-from torchvision.io import decode_jpeg, encode_jpeg
+from PIL import Image
 
 from normbench.corruptions import register_corruption
 from normbench.corruptions.ops import hsv_to_rgb, rgb_to_hsv
@@ -19,9 +21,9 @@ from normbench.corruptions.ops import hsv_to_rgb, rgb_to_hsv
 
 @register_corruption("brightness", family="weather", description="HSV value + c")
 def brightness(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
-    hsv = rgb_to_hsv(x.double())  # float64 like the reference: HSV round trips are lossy
+    hsv = rgb_to_hsv(x)
     hsv[:, 2] = (hsv[:, 2] + c).clamp(0, 1)
-    return hsv_to_rgb(hsv).to(x.dtype)
+    return hsv_to_rgb(hsv)
 
 
 @register_corruption("contrast", family="digital", description="(x - mean) c + mean per channel")
@@ -32,9 +34,9 @@ def contrast(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
 
 @register_corruption("saturate", family="digital", description="HSV saturation s c1 + c2")
 def saturate(x: torch.Tensor, c: tuple[float, float], g: torch.Generator) -> torch.Tensor:
-    hsv = rgb_to_hsv(x.double())
+    hsv = rgb_to_hsv(x)
     hsv[:, 1] = (hsv[:, 1] * c[0] + c[1]).clamp(0, 1)
-    return hsv_to_rgb(hsv).to(x.dtype)
+    return hsv_to_rgb(hsv)
 
 
 @functools.cache
@@ -74,7 +76,12 @@ def pixelate(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
 
 @register_corruption("jpeg_compression", family="digital", description="JPEG at quality q")
 def jpeg_compression(x: torch.Tensor, quality: int, g: torch.Generator) -> torch.Tensor:
-    images = torch.round(x * 255).to(torch.uint8).cpu()
-    encoded = encode_jpeg(list(images), quality=int(quality))
-    decoded = decode_jpeg(encoded)
-    return torch.stack(decoded).to(x.device, torch.float32) / 255
+    # A codec works image by image; Pillow's libjpeg is what the reference used.
+    images = torch.round(x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=int(quality))
+        with Image.open(buffer) as decoded:
+            out[i] = np.asarray(decoded)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(x) / 255
