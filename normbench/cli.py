@@ -250,21 +250,56 @@ def leaderboard(
 
 class DatasetName(StrEnum):
     cifar10 = "cifar10"
+    cifar10_c = "cifar10-c"
 
 
 @data_app.command("prepare")
 @user_errors
 def data_prepare(
-    dataset: Annotated[DatasetName, typer.Argument(help="Dataset to decode and cache.")],
+    dataset: Annotated[DatasetName, typer.Argument(help="Dataset to decode or generate.")],
     data_dir: DataDir = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of generated corruptions.")] = 0,
+    device: Annotated[str | None, typer.Option(help="Device that generates corruptions.")] = None,
 ) -> None:
-    """Decode a dataset once (from a local mirror or the official download) into the cache."""
+    """Decode CIFAR-10 once into the cache; for cifar10-c, use the official files under the data
+    directory when present, else generate all 19 corruptions x 5 severities into the cache."""
+    if dataset is DatasetName.cifar10_c:
+        _prepare_cifar10_c(data_dir, seed, device)
+        return
     from normbench.data import load_dataset
 
     for split in ("train", "test"):
         ds = load_dataset(dataset.value, split, data_dir)
         err.print(f"{dataset.value} {split}: {len(ds)} images from {ds.source}")
     out.print(f"cached in {config.cache_dir() / 'datasets' / dataset.value}")
+
+
+def _prepare_cifar10_c(data_dir: str | None, seed: int, device: str | None) -> None:
+    import time
+
+    from rich.progress import Progress
+
+    from normbench.corruptions import ALL
+    from normbench.corruptions.sets import prepare_cifar10_c
+    from normbench.runtime import resolve_device
+
+    dev = resolve_device(device or "cpu")
+    start = time.perf_counter()
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("generating CIFAR-10-C", total=len(ALL) * 5)
+
+        def on_progress(name: str, severity: int, seconds: float) -> None:
+            bar.update(task, advance=1, description=f"generating {name} severity {severity}")
+
+        cset = prepare_cifar10_c(data_dir, seed=seed, device=dev, on_progress=on_progress)
+    seconds = cset.manifest.get("seconds", {})
+    if seconds:
+        t = Table("corruption", "seconds (5 x 10,000 images)", "images/s", title="CIFAR-10-C")
+        for name, secs in seconds.items():
+            t.add_row(name, "-" if secs is None else f"{secs:.1f}",
+                      "-" if not secs else f"{5 * 10_000 / secs:,.0f}")  # fmt: skip
+        out.print(t)
+    out.print(f"CIFAR-10-C ({cset.source}) in {cset.root}; {time.perf_counter() - start:.1f} s")
 
 
 @db_app.command("upgrade")

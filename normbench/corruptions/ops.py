@@ -105,21 +105,19 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack((h, s, v), 1)
 
 
+# Which of (v, q, p, t) each RGB channel takes in each hue sextant (scikit-image's table).
+_HSV_SEXTANT = torch.tensor([[0, 1, 2, 2, 3, 0], [3, 0, 0, 1, 2, 2], [2, 2, 3, 0, 0, 1]])
+
+
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     """scikit-image's ``hsv2rgb`` for (N,3,H,W)."""
     h, s, v = hsv.unbind(1)
     hi = torch.floor(h * 6)
     f = h * 6 - hi
-    p = v * (1 - s)
-    q = v * (1 - f * s)
-    t = v * (1 - (1 - f) * s)
-    hi = hi.long() % 6
-    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    out = torch.zeros_like(hsv)
-    for k, (r, g, b) in enumerate(choices):
-        mask = (hi == k).unsqueeze(1)
-        out = torch.where(mask, torch.stack((r, g, b), 1), out)
-    return out
+    candidates = torch.stack((v, v * (1 - f * s), v * (1 - s), v * (1 - (1 - f) * s)))
+    sextant = hi.long() % 6
+    pick = _HSV_SEXTANT.to(hsv.device)[:, sextant]  # (3, N, H, W) indices into candidates
+    return candidates.gather(0, pick).permute(1, 0, 2, 3)
 
 
 def rgb_to_gray(rgb: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,223 @@
+"""CIFAR-10-C in the official layout: read the released files, or generate and cache them.
+
+Layout (Hendrycks & Dietterich 2019): ``<corruption>.npy`` uint8 (50000, 32, 32, 3), severities
+1..5 stacked in blocks of 10,000 test images in the original test order, and ``labels.npy``.
+
+Official files under the data directory (``CIFAR-10-C/`` or ``cifar10-c/``) are used when present,
+after their shape, dtype, length and labels are checked. Otherwise normbench generates the set
+with its own engine into the cache, with a ``manifest.json`` (seed, parameter-table version,
+engine version, generation batch size, SHA-256 of every file): a cache made by another table or
+engine version is regenerated, never mixed with new files, and a manifest that does not match is
+reported naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from normbench import config
+from normbench.corruptions import ALL, CORRUPTIONS, SEVERITIES, TABLE_VERSION, check, corrupt
+from normbench.data import ArrayDataset, load_cifar10, sha256_file
+from normbench.errors import DataError
+
+ENGINE_VERSION = 1  # bump when a corruption's implementation changes its output
+N_TEST = 10_000
+OFFICIAL_DIRS = ("CIFAR-10-C", "cifar10-c", "cifar10/CIFAR-10-C")
+GENERATION_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class CorruptedSet:
+    """Where a CIFAR-10-C set lives and what made it."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def source(self) -> str:
+        return self.manifest["source"]
+
+    def load(self, name: str, severity: int) -> ArrayDataset:
+        """The 10,000 test images of one (corruption, severity) as an (N,3,32,32) uint8 set."""
+        check(name, severity)
+        path = self.root / f"{name}.npy"
+        if not path.exists():
+            raise DataError(f"{path} is missing from the CIFAR-10-C set in {self.root}.")
+        block = np.load(path, mmap_mode="r")[N_TEST * (severity - 1) : N_TEST * severity]
+        labels = np.load(self.root / "labels.npy", mmap_mode="r")[:N_TEST]
+        images = torch.from_numpy(np.array(block)).permute(0, 3, 1, 2).contiguous()
+        source = f"{self.source}:{path}"
+        classes = tuple(self.manifest.get("classes", ()))
+        return ArrayDataset(images, torch.from_numpy(labels.astype(np.int64)), classes, source)
+
+
+def _check_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not a readable .npy file ({err}).") from None
+    if array.dtype != np.uint8 or array.shape != shape:
+        raise DataError(
+            f"{path} has dtype {array.dtype} and shape {array.shape}; the CIFAR-10-C layout needs "
+            f"uint8 of shape {shape}."
+        )
+    return array
+
+
+def find_official(data_dir: Path | None) -> Path | None:
+    if data_dir is None:
+        return None
+    for name in OFFICIAL_DIRS:
+        if (data_dir / name / "labels.npy").exists():
+            return data_dir / name
+    return None
+
+
+def open_official(root: Path, test_labels: torch.Tensor) -> CorruptedSet:
+    """Validate the official release files in ``root`` (those present; all 19 are not required)."""
+    labels = _check_array(root / "labels.npy", (5 * N_TEST,))
+    if not np.array_equal(labels, np.tile(test_labels.numpy().astype(np.uint8), 5)):
+        raise DataError(
+            f"{root / 'labels.npy'} does not hold the CIFAR-10 test labels repeated five times; "
+            "the files are not CIFAR-10-C in the original test order."
+        )
+    present = [n for n in ALL if (root / f"{n}.npy").exists()]
+    for name in present:
+        _check_array(root / f"{name}.npy", (5 * N_TEST, 32, 32, 3))
+    manifest = {"source": "official", "root": str(root), "corruptions": present}
+    return CorruptedSet(root, manifest)
+
+
+def _manifest_matches(manifest: dict, seed: int) -> bool:
+    return (
+        manifest.get("table_version") == TABLE_VERSION
+        and manifest.get("engine_version") == ENGINE_VERSION
+        and manifest.get("seed") == seed
+        and manifest.get("batch_size") == GENERATION_BATCH
+    )
+
+
+def read_manifest(root: Path) -> dict | None:
+    path = root / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        message = f"{path} is not a readable manifest ({err}); delete it to regenerate the set."
+        raise DataError(message) from None
+
+
+def open_generated(
+    root: Path, seed: int, corruptions: tuple[str, ...] = ALL
+) -> CorruptedSet | None:
+    """The generated set in ``root`` if it is complete and was made by this engine and table."""
+    manifest = read_manifest(root)
+    if manifest is None or not _manifest_matches(manifest, seed):
+        return None
+    files = manifest.get("sha256", {})
+    for name in (*corruptions, "labels"):
+        path = root / f"{name}.npy"
+        if name not in files or not path.exists() or sha256_file(path) != files[name]:
+            return None
+    return CorruptedSet(root, manifest)
+
+
+def generated_root() -> Path:
+    return config.cache_dir() / "datasets" / "cifar10-c"
+
+
+def generate(
+    root: Path,
+    *,
+    seed: int = 0,
+    device: torch.device | None = None,
+    data_dir: str | Path | None = None,
+    corruptions: tuple[str, ...] = ALL,
+    on_progress: Callable[[str, int, float], None] = lambda name, severity, seconds: None,
+) -> CorruptedSet:
+    """Generate CIFAR-10-C with the engine into ``root`` (official layout + manifest)."""
+    device = device or torch.device("cpu")
+    test = load_cifar10("test", data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    old = read_manifest(root) if (root / "manifest.json").exists() else None
+    reusable = old if old is not None and _manifest_matches(old, seed) else {"sha256": {}}
+    manifest = {
+        "source": "generated",
+        "seed": seed,
+        "table_version": TABLE_VERSION,
+        "engine_version": ENGINE_VERSION,
+        "batch_size": GENERATION_BATCH,
+        "device": str(device),
+        "classes": list(test.classes),
+        "seconds": {},
+        "sha256": {},
+    }
+    labels_path = root / "labels.npy"
+    np.save(labels_path, np.tile(test.labels.numpy().astype(np.uint8), 5))
+    manifest["sha256"]["labels"] = sha256_file(labels_path)
+    images = test.images.to(device)
+    for name in corruptions:
+        path = root / f"{name}.npy"
+        known = reusable["sha256"].get(name)
+        if known and path.exists() and sha256_file(path) == known:
+            manifest["sha256"][name] = known
+            manifest["seconds"][name] = reusable.get("seconds", {}).get(name)
+            continue
+        index = ALL.index(name)
+        tmp = path.with_suffix(".tmp.npy")
+        shape = (5 * N_TEST, 32, 32, 3)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        start = time.perf_counter()
+        for severity in SEVERITIES:
+            # One generator per (corruption, severity): any pair can be regenerated on its own.
+            g = torch.Generator().manual_seed(seed * 1_000_003 + index * 10 + severity)
+            for lo in range(0, N_TEST, GENERATION_BATCH):
+                batch = corrupt(images[lo : lo + GENERATION_BATCH], name, severity, g)
+                first = N_TEST * (severity - 1) + lo
+                out[first : first + len(batch)] = batch.permute(0, 2, 3, 1).cpu().numpy()
+            on_progress(name, severity, time.perf_counter() - start)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+        manifest["seconds"][name] = time.perf_counter() - start
+        manifest["sha256"][name] = sha256_file(path)
+        _write_manifest(root, manifest)  # after each file, so a stopped run keeps finished files
+    _write_manifest(root, manifest)
+    return CorruptedSet(root, manifest)
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    tmp = root / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, root / "manifest.json")
+
+
+def prepare_cifar10_c(
+    data_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    device: torch.device | None = None,
+    corruptions: tuple[str, ...] = ALL,
+    on_progress: Callable[[str, int, float], None] = lambda name, severity, seconds: None,
+) -> CorruptedSet:
+    """Official CIFAR-10-C if the data directory has it, else the cached or a new generated set."""
+    for name in corruptions:
+        CORRUPTIONS.get(name)
+    official = find_official(config.data_dir(data_dir))
+    if official is not None:
+        return open_official(official, load_cifar10("test", data_dir).labels)
+    root = generated_root()
+    cached = open_generated(root, seed, corruptions)
+    if cached is not None:
+        return cached
+    return generate(root, seed=seed, device=device, data_dir=data_dir, corruptions=corruptions,
+                    on_progress=on_progress)  # fmt: skip
