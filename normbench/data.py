@@ -60,11 +60,18 @@ class ArrayDataset:
 
     def subset(self, n: int, seed: int = 0) -> ArrayDataset:
         """A fixed, seeded subset of ``n`` examples (the whole set when ``n`` is 0 or too large)."""
-        if not n or n >= len(self):
+        idx = subset_indices(len(self), n, seed)
+        if idx is None:
             return self
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self), generator=g)[:n].sort().values
         return ArrayDataset(self.images[idx], self.labels[idx], self.classes, self.source)
+
+
+def subset_indices(total: int, n: int, seed: int = 0) -> torch.Tensor | None:
+    """Sorted indices of a seeded subset of ``n`` out of ``total`` (None: take everything)."""
+    if not n or n >= total:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=g)[:n].sort().values
 
 
 # --- checksummed tensor cache -------------------------------------------------------------------

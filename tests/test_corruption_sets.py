@@ -109,3 +109,22 @@ def test_official_files_with_wrong_shape_dtype_or_labels_name_the_file(official,
     np.save(official / "labels.npy", np.zeros(50_000, np.uint8))
     with pytest.raises(DataError, match="labels.npy does not hold the CIFAR-10 test labels"):
         open_official(official, test_labels)
+
+
+def test_subset_sets_are_generated_for_their_rows_and_index_official_files(official, cifar_dir):
+    from normbench.data import subset_indices
+
+    generated = prepare_cifar10_c(corruptions=("contrast",), subset=200, subset_seed=3)
+    indices = subset_indices(N_TEST, 200, 3)
+    block = generated.load("contrast", 5)
+    test = load_cifar10("test")
+    assert block.images.shape == (200, 3, 32, 32)
+    assert torch.equal(block.images, corrupt(test.images[indices], "contrast", 5))
+    assert torch.equal(block.labels, test.labels[indices])
+    assert generated.root.name == "cifar10-c-subset200-seed3"
+
+    from_official = prepare_cifar10_c(
+        official.parent, corruptions=("fog",), subset=200, subset_seed=3
+    )
+    sub = from_official.load("fog", 2)
+    assert sub.images.shape == (200, 3, 32, 32) and torch.equal(sub.labels, test.labels[indices])

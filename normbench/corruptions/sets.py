@@ -1,14 +1,18 @@
 """CIFAR-10-C in the official layout: read the released files, or generate and cache them.
 
-Layout (Hendrycks & Dietterich 2019): ``<corruption>.npy`` uint8 (50000, 32, 32, 3), severities
-1..5 stacked in blocks of 10,000 test images in the original test order, and ``labels.npy``.
+Layout (Hendrycks & Dietterich 2019): ``<corruption>.npy`` uint8 (5 R, 32, 32, 3) with the five
+severities stacked in blocks of R test images in the original test order (R = 10,000 in the
+release), and ``labels.npy`` (5 R,).
 
 Official files under the data directory (``CIFAR-10-C/`` or ``cifar10-c/``) are used when present,
 after their shape, dtype, length and labels are checked. Otherwise normbench generates the set
 with its own engine into the cache, with a ``manifest.json`` (seed, parameter-table version,
 engine version, generation batch size, SHA-256 of every file): a cache made by another table or
-engine version is regenerated, never mixed with new files, and a manifest that does not match is
-reported naming the file.
+engine version is regenerated, never mixed with new files.
+
+A budget may evaluate a fixed, seeded subset of the test images per (corruption, severity):
+official files are then indexed; a generated subset is cached in a directory of its own
+(``cifar10-c-subset<n>-seed<s>``) holding only those rows.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 from normbench import config
 from normbench.corruptions import ALL, CORRUPTIONS, SEVERITIES, TABLE_VERSION, check, corrupt
-from normbench.data import ArrayDataset, load_cifar10, sha256_file
+from normbench.data import ArrayDataset, load_cifar10, sha256_file, subset_indices
 from normbench.errors import DataError
 
 ENGINE_VERSION = 1  # bump when a corruption's implementation changes its output
@@ -36,7 +40,8 @@ GENERATION_BATCH = 1000
 
 @dataclass(frozen=True)
 class CorruptedSet:
-    """Where a CIFAR-10-C set lives and what made it."""
+    """A CIFAR-10-C set on disk: ``rows`` images per severity in its files, and ``indices`` (the
+    test-set positions evaluated; None = all) to select from them when the files are complete."""
 
     root: Path
     manifest: dict
@@ -45,18 +50,29 @@ class CorruptedSet:
     def source(self) -> str:
         return self.manifest["source"]
 
+    @property
+    def rows(self) -> int:
+        return self.manifest.get("rows", N_TEST)
+
+    @property
+    def indices(self) -> list[int] | None:
+        return self.manifest.get("indices")
+
     def load(self, name: str, severity: int) -> ArrayDataset:
-        """The 10,000 test images of one (corruption, severity) as an (N,3,32,32) uint8 set."""
+        """The evaluated test images of one (corruption, severity), (N,3,32,32) uint8."""
         check(name, severity)
         path = self.root / f"{name}.npy"
         if not path.exists():
             raise DataError(f"{path} is missing from the CIFAR-10-C set in {self.root}.")
-        block = np.load(path, mmap_mode="r")[N_TEST * (severity - 1) : N_TEST * severity]
-        labels = np.load(self.root / "labels.npy", mmap_mode="r")[:N_TEST]
-        images = torch.from_numpy(np.array(block)).permute(0, 3, 1, 2).contiguous()
-        source = f"{self.source}:{path}"
+        block = slice(self.rows * (severity - 1), self.rows * severity)
+        images = np.load(path, mmap_mode="r")[block]
+        labels = np.load(self.root / "labels.npy", mmap_mode="r")[block]
+        if self.indices is not None and self.rows == N_TEST:  # a subset of complete files
+            images, labels = images[self.indices], labels[self.indices]
+        tensor = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
         classes = tuple(self.manifest.get("classes", ()))
-        return ArrayDataset(images, torch.from_numpy(labels.astype(np.int64)), classes, source)
+        labels_t = torch.from_numpy(np.array(labels, dtype=np.int64))
+        return ArrayDataset(tensor, labels_t, classes, f"{self.source}:{path}")
 
 
 def _check_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -81,7 +97,9 @@ def find_official(data_dir: Path | None) -> Path | None:
     return None
 
 
-def open_official(root: Path, test_labels: torch.Tensor) -> CorruptedSet:
+def open_official(
+    root: Path, test_labels: torch.Tensor, indices: torch.Tensor | None = None
+) -> CorruptedSet:
     """Validate the official release files in ``root`` (those present; all 19 are not required)."""
     labels = _check_array(root / "labels.npy", (5 * N_TEST,))
     if not np.array_equal(labels, np.tile(test_labels.numpy().astype(np.uint8), 5)):
@@ -92,16 +110,18 @@ def open_official(root: Path, test_labels: torch.Tensor) -> CorruptedSet:
     present = [n for n in ALL if (root / f"{n}.npy").exists()]
     for name in present:
         _check_array(root / f"{name}.npy", (5 * N_TEST, 32, 32, 3))
-    manifest = {"source": "official", "root": str(root), "corruptions": present}
+    manifest = {"source": "official", "root": str(root), "corruptions": present, "rows": N_TEST}
+    manifest["indices"] = None if indices is None else indices.tolist()
     return CorruptedSet(root, manifest)
 
 
-def _manifest_matches(manifest: dict, seed: int) -> bool:
+def _manifest_matches(manifest: dict, seed: int, indices: list[int] | None) -> bool:
     return (
         manifest.get("table_version") == TABLE_VERSION
         and manifest.get("engine_version") == ENGINE_VERSION
         and manifest.get("seed") == seed
         and manifest.get("batch_size") == GENERATION_BATCH
+        and manifest.get("indices") == indices
     )
 
 
@@ -117,11 +137,11 @@ def read_manifest(root: Path) -> dict | None:
 
 
 def open_generated(
-    root: Path, seed: int, corruptions: tuple[str, ...] = ALL
+    root: Path, seed: int, corruptions: tuple[str, ...] = ALL, indices: list[int] | None = None
 ) -> CorruptedSet | None:
     """The generated set in ``root`` if it is complete and was made by this engine and table."""
     manifest = read_manifest(root)
-    if manifest is None or not _manifest_matches(manifest, seed):
+    if manifest is None or not _manifest_matches(manifest, seed, indices):
         return None
     files = manifest.get("sha256", {})
     for name in (*corruptions, "labels"):
@@ -131,25 +151,33 @@ def open_generated(
     return CorruptedSet(root, manifest)
 
 
-def generated_root() -> Path:
-    return config.cache_dir() / "datasets" / "cifar10-c"
+def generated_root(subset: int = 0, subset_seed: int = 0) -> Path:
+    name = f"cifar10-c-subset{subset}-seed{subset_seed}" if subset else "cifar10-c"
+    return config.cache_dir() / "datasets" / name
 
 
 def generate(
     root: Path,
     *,
     seed: int = 0,
+    indices: torch.Tensor | None = None,
     device: torch.device | None = None,
     data_dir: str | Path | None = None,
     corruptions: tuple[str, ...] = ALL,
     on_progress: Callable[[str, int, float], None] = lambda name, severity, seconds: None,
 ) -> CorruptedSet:
-    """Generate CIFAR-10-C with the engine into ``root`` (official layout + manifest)."""
+    """Generate CIFAR-10-C (of the test images at ``indices``; all by default) with the engine
+    into ``root``, in the official layout, with a manifest."""
     device = device or torch.device("cpu")
     test = load_cifar10("test", data_dir)
+    images, labels = test.images, test.labels
+    if indices is not None:
+        images, labels = images[indices], labels[indices]
+    index_list = None if indices is None else indices.tolist()
+    rows = len(labels)
     root.mkdir(parents=True, exist_ok=True)
-    old = read_manifest(root) if (root / "manifest.json").exists() else None
-    reusable = old if old is not None and _manifest_matches(old, seed) else {"sha256": {}}
+    old = read_manifest(root)
+    reusable = old if old is not None and _manifest_matches(old, seed, index_list) else {}
     manifest = {
         "source": "generated",
         "seed": seed,
@@ -157,32 +185,33 @@ def generate(
         "engine_version": ENGINE_VERSION,
         "batch_size": GENERATION_BATCH,
         "device": str(device),
+        "rows": rows,
+        "indices": index_list,
         "classes": list(test.classes),
         "seconds": {},
         "sha256": {},
     }
     labels_path = root / "labels.npy"
-    np.save(labels_path, np.tile(test.labels.numpy().astype(np.uint8), 5))
+    np.save(labels_path, np.tile(labels.numpy().astype(np.uint8), 5))
     manifest["sha256"]["labels"] = sha256_file(labels_path)
-    images = test.images.to(device)
+    images = images.to(device)
     for name in corruptions:
         path = root / f"{name}.npy"
-        known = reusable["sha256"].get(name)
+        known = reusable.get("sha256", {}).get(name)
         if known and path.exists() and sha256_file(path) == known:
             manifest["sha256"][name] = known
             manifest["seconds"][name] = reusable.get("seconds", {}).get(name)
             continue
         index = ALL.index(name)
         tmp = path.with_suffix(".tmp.npy")
-        shape = (5 * N_TEST, 32, 32, 3)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(5 * rows, 32, 32, 3))
         start = time.perf_counter()
         for severity in SEVERITIES:
             # One generator per (corruption, severity): any pair can be regenerated on its own.
             g = torch.Generator().manual_seed(seed * 1_000_003 + index * 10 + severity)
-            for lo in range(0, N_TEST, GENERATION_BATCH):
+            for lo in range(0, rows, GENERATION_BATCH):
                 batch = corrupt(images[lo : lo + GENERATION_BATCH], name, severity, g)
-                first = N_TEST * (severity - 1) + lo
+                first = rows * (severity - 1) + lo
                 out[first : first + len(batch)] = batch.permute(0, 2, 3, 1).cpu().numpy()
             on_progress(name, severity, time.perf_counter() - start)
         out.flush()
@@ -205,19 +234,24 @@ def prepare_cifar10_c(
     data_dir: str | Path | None = None,
     *,
     seed: int = 0,
+    subset: int = 0,
+    subset_seed: int = 0,
     device: torch.device | None = None,
     corruptions: tuple[str, ...] = ALL,
     on_progress: Callable[[str, int, float], None] = lambda name, severity, seconds: None,
 ) -> CorruptedSet:
-    """Official CIFAR-10-C if the data directory has it, else the cached or a new generated set."""
+    """Official CIFAR-10-C if the data directory has it, else the cached or a new generated set;
+    ``subset`` > 0 evaluates that many seeded test images per (corruption, severity)."""
     for name in corruptions:
         CORRUPTIONS.get(name)
+    indices = subset_indices(N_TEST, subset, subset_seed)
     official = find_official(config.data_dir(data_dir))
     if official is not None:
-        return open_official(official, load_cifar10("test", data_dir).labels)
-    root = generated_root()
-    cached = open_generated(root, seed, corruptions)
+        return open_official(official, load_cifar10("test", data_dir).labels, indices)
+    root = generated_root(subset if indices is not None else 0, subset_seed)
+    index_list = None if indices is None else indices.tolist()
+    cached = open_generated(root, seed, corruptions, index_list)
     if cached is not None:
         return cached
-    return generate(root, seed=seed, device=device, data_dir=data_dir, corruptions=corruptions,
-                    on_progress=on_progress)  # fmt: skip
+    return generate(root, seed=seed, indices=indices, device=device, data_dir=data_dir,
+                    corruptions=corruptions, on_progress=on_progress)  # fmt: skip
