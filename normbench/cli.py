@@ -132,6 +132,13 @@ def run(
             "command again to resume from its last finished epoch."
         )
         raise typer.Exit(130) from None
+    if s.spec.corruption_set:
+        from normbench.robustness import update_mce
+
+        reference = (s.spec.reference.norm, s.spec.reference.optimizer)
+        if not update_mce(store.engine, s.name, budget_name, reference):
+            err.print(f"mCE not computed yet: the reference pair {' + '.join(reference)} has no "
+                      f"finished run at budget {budget_name}.")  # fmt: skip
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
@@ -209,15 +216,17 @@ def leaderboard(
     from normbench.store import open_store
     from normbench.suites import default_budget, load_suite
 
-    suite_name = load_suite(suite).name
+    s = load_suite(suite)
+    robustness = s.spec.corruption_set is not None
+    rank_by = "corruption_accuracy" if robustness else M.ACCURACY
     budget_name = budget.value if budget else default_budget()
     store = open_store(config.db_url(db))
-    table = query(store.engine, suite_name, budget_name)
+    table = query(store.engine, s.name, budget_name, rank_by=rank_by)
     if table.empty:
         err.print(
-            f"No runs of suite {suite_name!r} at budget {budget_name!r} in "
+            f"No runs of suite {s.name!r} at budget {budget_name!r} in "
             f"{store.engine.url.render_as_string()}. Produce some with `normbench run "
-            f"--suite {suite_name} --budget {budget_name}`."
+            f"--suite {s.name} --budget {budget_name}`."
         )
         if format is not Format.table:
             typer.echo("[]" if format is Format.json else "")
@@ -228,24 +237,50 @@ def leaderboard(
     if format is Format.json:
         typer.echo(json.dumps(json.loads(table.to_json(orient="records")), indent=1))
         return
-    t = Table(title=f"{suite_name} / {budget_name}")
-    for header in ("#", "norm", "optimizer", "accuracy %"):
-        t.add_column(header, no_wrap=True)
-    for header in ("n", "ECE", "speed vs BN", "wall s", "runs"):
-        t.add_column(header, justify="right" if header != "runs" else "left")
+    out.print(_leaderboard_table(table, f"{s.name} / {budget_name}", robustness))
+
+
+def _leaderboard_table(table, title: str, robustness: bool) -> Table:
+    from normbench import metrics as M
+
+    def mean_std(metric: str):
+        return lambda r: _pct(r.get(f"{metric}_mean"), r.get(f"{metric}_std"))
+
+    def worst(r) -> str:
+        if _missing(r.get("worst_corruption")):
+            return "-"
+        return f"{r['worst_corruption']} ({100 * r['worst_corruption_accuracy']:.1f})"
+
+    columns = [
+        ("#", lambda r: _num(r["rank"], "{:.0f}")),
+        ("norm", lambda r: r["norm"]),
+        ("optimizer", lambda r: r["optimizer"]),
+    ]
+    if robustness:
+        columns += [
+            ("corruption acc %", mean_std("corruption_accuracy")),
+            ("clean acc %", mean_std(M.ACCURACY)),
+            ("mCE", lambda r: _num(r.get("mce_mean"), "{:.1f}")),
+            ("rel. mCE", lambda r: _num(r.get("relative_mce_mean"), "{:.1f}")),
+            ("worst corruption (acc %)", worst),
+        ]
+    else:
+        columns += [
+            ("accuracy %", mean_std(M.ACCURACY)),
+            ("ECE", lambda r: _num(r.get(f"{M.ECE}_mean"), "{:.3f}")),
+        ]
+    columns += [
+        ("n", lambda r: str(r["n"])),
+        ("speed vs BN", lambda r: _num(r.get("throughput_ratio"), "{:.2f}x")),
+        ("wall s", lambda r: _num(r.get(f"{M.WALL_TIME}_mean"), "{:.0f}")),
+        ("runs", lambda r: r["status"]),
+    ]
+    t = Table(title=title)
+    for header, _ in columns:
+        t.add_column(header, no_wrap=header in ("norm", "optimizer"))
     for row in table.to_dict("records"):
-        t.add_row(
-            _num(row["rank"], "{:.0f}"),
-            row["norm"],
-            row["optimizer"],
-            _pct(row.get(f"{M.ACCURACY}_mean"), row.get(f"{M.ACCURACY}_std")),
-            str(row["n"]),
-            _num(row.get(f"{M.ECE}_mean"), "{:.3f}"),
-            _num(row.get("throughput_ratio"), "{:.2f}x"),
-            _num(row.get(f"{M.WALL_TIME}_mean"), "{:.0f}"),
-            row["status"],
-        )
-    out.print(t)
+        t.add_row(*(cell(row) for _, cell in columns))
+    return t
 
 
 class DatasetName(StrEnum):

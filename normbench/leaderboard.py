@@ -14,10 +14,15 @@ import pandas as pd
 from sqlalchemy import Engine, func, select
 
 from normbench import metrics as M
+from normbench.corruptions import BENCHMARK
+from normbench.robustness import CORRUPTION_ACCURACY, EXTRA_ACCURACY, MCE, RELATIVE_MCE
 from normbench.store.models import Metric, Run, RunStatus
 
 REFERENCE_NORM = "batchnorm"
-SUMMARY_METRICS = (M.ACCURACY, M.LOSS, M.ECE, M.TRAIN_THROUGHPUT, M.WALL_TIME, M.PARAM_COUNT)
+SUMMARY_METRICS = (
+    M.ACCURACY, M.LOSS, M.ECE, M.TRAIN_THROUGHPUT, M.WALL_TIME, M.PARAM_COUNT,
+    CORRUPTION_ACCURACY, EXTRA_ACCURACY, MCE, RELATIVE_MCE,
+)  # fmt: skip
 
 
 def _metric_stats(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
@@ -70,6 +75,32 @@ def _throughput_ratios(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
     return df.groupby(["norm", "optimizer"], as_index=False).throughput_ratio.mean()
 
 
+def _worst_corruptions(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
+    """Per pair, the benchmark corruption with the lowest accuracy (mean over severities, seeds)."""
+    query = (
+        select(Run.norm, Run.optimizer, Metric.corruption, func.avg(Metric.value))
+        .join(Metric, Metric.run_id == Run.id)
+        .where(
+            Run.suite == suite,
+            Run.budget == budget,
+            Run.status == RunStatus.finished,
+            Metric.name == M.ACCURACY,
+            Metric.corruption.in_(BENCHMARK),
+            Metric.severity == 0,
+        )
+        .group_by(Run.norm, Run.optimizer, Metric.corruption)
+    )
+    with engine.connect() as conn:
+        df = pd.DataFrame(
+            conn.execute(query).all(),
+            columns=["norm", "optimizer", "worst_corruption", "worst_corruption_accuracy"],
+        )
+    if df.empty:
+        return df
+    lowest = df.groupby(["norm", "optimizer"]).worst_corruption_accuracy.idxmin()
+    return df.loc[lowest].reset_index(drop=True)
+
+
 def _status_counts(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
     query = (
         select(Run.norm, Run.optimizer, Run.status, func.count(Run.id))
@@ -113,14 +144,15 @@ def leaderboard(engine: Engine, suite: str, budget: str, rank_by: str = M.ACCURA
         n = stats[stats.metric == rank_by][["norm", "optimizer", "n"]]
         table = counts.merge(wide.reset_index(), on=["norm", "optimizer"], how="left")
         table = table.merge(n, on=["norm", "optimizer"], how="left")
-        table = table.merge(
-            _throughput_ratios(engine, suite, budget), on=["norm", "optimizer"], how="left"
-        )
+        for extra in (_throughput_ratios, _worst_corruptions):
+            found = extra(engine, suite, budget)
+            if not found.empty:
+                table = table.merge(found, on=["norm", "optimizer"], how="left")
     for column in (f"{rank_by}_mean", "n", "throughput_ratio"):
         if column not in table:
             table[column] = math.nan
     table["n"] = table["n"].fillna(0).astype(int)
-    ascending = rank_by in (M.LOSS, M.ECE, M.WALL_TIME)
+    ascending = rank_by in (M.LOSS, M.ECE, M.WALL_TIME, MCE, RELATIVE_MCE)
     table = table.sort_values(f"{rank_by}_mean", ascending=ascending, na_position="last")
     table.insert(0, "rank", range(1, len(table) + 1))
     table.loc[table[f"{rank_by}_mean"].isna(), "rank"] = pd.NA

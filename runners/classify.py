@@ -23,11 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench import metrics as M
+from normbench.corruptions import ALL as CORRUPTIONS_ALL
+from normbench.corruptions import SEVERITIES, TABLE_VERSION
+from normbench.corruptions.sets import prepare_cifar10_c
 from normbench.data import TensorLoader, load_dataset
 from normbench.metrics import Evaluation, MetricRow
 from normbench.models import conv_norm_factory, create_model, parameter_count
 from normbench.norms import NORMS
 from normbench.optim import create_optimizer, lr_factor
+from normbench.robustness import aggregate_rows
 from normbench.runtime import autocast_dtype, peak_memory_mb
 from normbench.suites import RunSpec
 
@@ -109,6 +113,35 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def evaluate_corruptions(
+    model: nn.Module,
+    spec: RunSpec,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    data_dir: str | Path | None,
+    result: RunResult,
+    progress: Progress,
+) -> list[MetricRow]:
+    """Accuracy on every (corruption, severity) of the suite's corruption set, and aggregates."""
+    s = spec.settings
+    cset = prepare_cifar10_c(data_dir, subset=s["corruption_subset"])
+    result.info |= {
+        "corruption_set": cset.source,
+        "corruption_table": TABLE_VERSION,
+        "corruption_subset": s["corruption_subset"],
+        "corruption_images_per_pair": len(cset.indices) if cset.indices else 10_000,
+    }
+    accuracy: dict[tuple[str, int], float] = {}
+    pairs = [(c, sev) for c in CORRUPTIONS_ALL for sev in SEVERITIES]
+    for i, (name, severity) in enumerate(pairs):
+        loader = TensorLoader(cset.load(name, severity), s["eval_batch_size"], device=device,
+                              train=False)  # fmt: skip
+        accuracy[name, severity] = evaluate(model, loader, dtype).accuracy
+        progress.on_eval_batch(i + 1, len(pairs))
+    rows = [MetricRow(M.ACCURACY, a, "test", c, sev) for (c, sev), a in accuracy.items()]
+    return rows + aggregate_rows(accuracy)
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:
@@ -270,6 +303,8 @@ def run(
             MetricRow(M.ECE, evaluation.ece, "test"),
             MetricRow(M.EVAL_THROUGHPUT, evaluation.images_per_s, "test"),
         ]
+        if s.get("corruption_set"):
+            rows += evaluate_corruptions(model, spec, device, dtype, data_dir, result, progress)
     # Wall time sums the sessions of a resumed run (each from its own start, data loading included).
     rows.append(MetricRow(M.WALL_TIME, earlier_wall + time.perf_counter() - wall_start))
     result.metrics = rows

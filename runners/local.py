@@ -131,7 +131,7 @@ def run_specs(
                 provenance_update=result.info,
             )
         ckpt.unlink(missing_ok=True)
-        values = {m.name: m.value for m in result.metrics}
+        values = {m.name: m.value for m in result.metrics if not m.corruption}
         if result.status == "finished":
             detail = (
                 f"accuracy {values[M.ACCURACY]:.2%}, wall time {values[M.WALL_TIME]:.0f} s, "

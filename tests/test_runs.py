@@ -174,3 +174,38 @@ def test_damaged_checkpoint_is_discarded_and_the_run_starts_afresh(cifar_dir, db
     run = runs(db)["batchnorm+sgd+0"]
     assert run.status is RunStatus.finished and run.provenance["resumed_from_epoch"] == 0
     assert not ckpt.exists()
+
+
+def test_cifar_c_smoke_suite_evaluates_every_corruption_and_ranks(cifar_dir, db):
+    result = smoke_run(f"--db={db}", suite="cifar-c", norms="batchnorm,layernorm")
+    assert result.exit_code == 0, result.output
+    found = runs(db)
+    bn = found["batchnorm+sgd+0"]
+    with open_store(f"sqlite:///{db}").session() as s:
+        rows = s.execute(
+            select(Metric.name, Metric.corruption, Metric.severity, Metric.value).where(
+                Metric.run_id == bn.id
+            )
+        ).all()
+    pairs = {(c, sev) for name, c, sev, _ in rows if name == M.ACCURACY and sev > 0}
+    assert len(pairs) == 19 * 5  # every corruption at every severity, extras included
+    values = {(name, c): v for name, c, sev, v in rows if sev == 0}
+    benchmark = [v for name, c, sev, v in rows if name == M.ACCURACY and sev > 0 and c not in
+                 ("speckle_noise", "gaussian_blur", "spatter", "saturate")]  # fmt: skip
+    assert values["corruption_accuracy", ""] == pytest.approx(sum(benchmark) / 75)
+    assert {c for name, c in values if name == "family_accuracy"} == {
+        "noise",
+        "blur",
+        "weather",
+        "digital",
+    }
+    assert values["mce", ""] == pytest.approx(100.0)  # the reference pair against itself
+    assert bn.provenance["mce_reference"] == "batchnorm + sgd, seeds [0]"
+    assert bn.provenance["corruption_images_per_pair"] == 100
+
+    board = leaderboard_json(db, suite="cifar-c")
+    assert [r["rank"] for r in board] == [1, 2]
+    assert board[0]["corruption_accuracy_mean"] >= board[1]["corruption_accuracy_mean"]
+    assert all(r["worst_corruption"] and r["mce_mean"] > 0 for r in board)
+    table = invoke("leaderboard", "--suite=cifar-c", "--budget=smoke", f"--db={db}")
+    assert "worst corruption" in table.output and "mCE" in table.output

@@ -10,6 +10,7 @@ accepts a path to a TOML file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -52,6 +53,8 @@ class Budget(_Strict):
     eval_batch_size: Annotated[int, Field(ge=1)] = 500
     train_subset: Annotated[int, Field(ge=0)] = 0  # 0 = the whole training set
     test_subset: Annotated[int, Field(ge=0)] = 0  # 0 = the whole test set
+    # test images evaluated per (corruption, severity), a fixed seeded subset; 0 = all 10,000
+    corruption_subset: Annotated[int, Field(ge=0)] = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device has it
     schedule: Literal[SCHEDULES] = "onecycle"  # type: ignore[valid-type]
     warmup: Fraction = 0.0  # fraction of training
@@ -76,6 +79,7 @@ class SuiteFile(_Strict):
     optimizers: list[str]
     seeds: list[int]
     reference: Reference
+    corruption_set: Literal["cifar10-c"] | None = None  # also evaluate on this corruption set
     budgets: dict[Literal[BUDGETS], Budget]  # type: ignore[valid-type]
 
 
@@ -214,6 +218,16 @@ def default_budget() -> str:
 # --- planning ------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _budget_defaults() -> dict[str, Any]:
+    defaults = {}
+    for name, field_info in Budget.model_fields.items():
+        if not field_info.is_required():
+            value = field_info.get_default(call_default_factory=True)
+            defaults[name] = value.model_dump() if isinstance(value, BaseModel) else value
+    return defaults
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything that determines one run's numbers. Its hash (with the protocol version) is the
@@ -239,7 +253,14 @@ class RunSpec:
 
     @property
     def key(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        # Settings left at their schema defaults are not hashed, so adding a new budget option
+        # with a default never changes the keys (and results) of existing runs.
+        defaults = _budget_defaults()
+        spec = self.to_dict()
+        spec["settings"] = {
+            k: v for k, v in self.settings.items() if k not in defaults or v != defaults[k]
+        }
+        canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
     @property
@@ -277,6 +298,8 @@ def plan(
                 f"[budgets.{budget}.optimizers.{opt}] table to {suite.path}."
             )
     settings = b.model_dump(exclude={"optimizers"})
+    if suite.spec.corruption_set:
+        settings["corruption_set"] = suite.spec.corruption_set
     return [
         RunSpec(
             suite=suite.name,
