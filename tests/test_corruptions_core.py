@@ -142,3 +142,17 @@ def test_imagenet_table_is_used_for_224_px_images():
     checker[..., ::2, :] = 200
     lowered = corrupt(checker, "contrast", 1).float()
     assert lowered.max() - lowered.min() == pytest.approx(200 * IMAGENET["contrast"][0], abs=1)
+
+
+def test_jpeg_fallback_through_pillow_gives_the_same_bytes(images, monkeypatch):
+    import torchvision.io
+
+    from normbench.corruptions.digital import _jpeg_round_trip
+
+    batched = _jpeg_round_trip(images[:16], 40)
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("image codecs removed")
+
+    monkeypatch.setattr(torchvision.io, "encode_jpeg", unavailable)
+    assert torch.equal(_jpeg_round_trip(images[:16], 40), batched)
