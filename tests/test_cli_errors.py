@@ -22,7 +22,7 @@ def write_suite(tmp_path, text):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--suite", "cifar11"], "Unknown suite 'cifar11'. Did you mean 'cifar10'?"),
+        (["--suite", "cifar11"], "Unknown suite 'cifar11'. Did you mean 'cifar10'"),
         (
             ["--suite", "cifar10", "--norms", "batchnrom"],
             "Unknown norm 'batchnrom'. Did you mean 'batchnorm'?",
