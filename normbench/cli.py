@@ -136,7 +136,8 @@ def run(
         from normbench.robustness import update_mce
 
         reference = (s.spec.reference.norm, s.spec.reference.optimizer)
-        if not update_mce(store.engine, s.name, budget_name, reference):
+        alexnet = s.spec.corruption_set == "imagenet-c"
+        if not update_mce(store.engine, s.name, budget_name, reference, alexnet=alexnet):
             err.print(f"mCE not computed yet: the reference pair {' + '.join(reference)} has no "
                       f"finished run at budget {budget_name}.")  # fmt: skip
     counts: dict[str, int] = {}

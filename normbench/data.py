@@ -12,6 +12,7 @@ a manifest holding their SHA-256; a cache file that fails its checksum is rebuil
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -235,7 +236,73 @@ def load_cifar10(split: str, data_dir: str | Path | None = None) -> ArrayDataset
     return ds
 
 
-DATASETS = {"cifar10": load_cifar10}
+# --- ImageFolder datasets (ImageNet and subsets) -------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGEFOLDER_DIRS = {"imagenet": ("imagenet", "ILSVRC2012"), "imagenette-mini": ("imagenette-mini",)}
+# The tensor-resident loader keeps a dataset decoded in memory (150 KB per 224-px image): fine for
+# subsets such as imagenette, not for the 1.28M ImageNet training images.
+MAX_RESIDENT_IMAGES = 100_000
+
+
+def _imagefolder_root(name: str, split: str, data_dir: Path | None) -> Path:
+    candidates = [data_dir / d / split for d in IMAGEFOLDER_DIRS[name]] if data_dir else []
+    for path in candidates:
+        if path.is_dir():
+            return path
+    where = ", ".join(str(c) for c in candidates) or "(no data directory set)"
+    raise DataError(
+        f"{name} {split} images not found (looked in {where}). Put the dataset in the ImageFolder "
+        f"layout ({name}/train/<wnid>/*.JPEG and {name}/val/<wnid>/*.JPEG) under a directory "
+        "and pass it with --data-dir or NORMBENCH_DATA_DIR."
+    )
+
+
+def _decode_imagefolder(root: Path, name: str) -> ArrayDataset:
+    """Decode an ImageFolder split with the ImageNet evaluation transform, Resize(256) +
+    CenterCrop(224), into (N, 3, 224, 224) uint8."""
+    from torchvision import datasets as tv_datasets
+    from torchvision import transforms
+
+    folder = tv_datasets.ImageFolder(str(root))
+    if len(folder) > MAX_RESIDENT_IMAGES:
+        raise DataError(
+            f"{root} holds {len(folder):,} images; normbench keeps datasets decoded in memory and "
+            f"supports up to {MAX_RESIDENT_IMAGES:,} per split. Use a subset of the images."
+        )
+    transform = transforms.Compose(
+        [transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()]
+    )
+    images = torch.empty((len(folder), 3, 224, 224), dtype=torch.uint8)
+    for i in track(range(len(folder)), description=f"Decoding {name} {root.name}", transient=True):
+        images[i] = transform(folder.loader(folder.samples[i][0]))
+    labels = torch.tensor(folder.targets, dtype=torch.int64)
+    return ArrayDataset(images, labels, tuple(folder.classes), f"imagefolder:{root}")
+
+
+def load_imagefolder(name: str, split: str, data_dir: str | Path | None = None) -> ArrayDataset:
+    """An ImageFolder dataset split ("train" or "val"; "test" means "val") as uint8 tensors."""
+    split = "val" if split == "test" else split
+    cached = _read_cache(name, split)
+    if cached is not None:
+        return cached
+    ds = _decode_imagefolder(_imagefolder_root(name, split, config.data_dir(data_dir)), name)
+    _write_cache(name, split, ds)
+    return ds
+
+
+DATASETS = {
+    "cifar10": load_cifar10,
+    "imagenet": functools.partial(load_imagefolder, "imagenet"),
+    "imagenette-mini": functools.partial(load_imagefolder, "imagenette-mini"),
+}
+#: Per-channel mean and std used to normalize each dataset's images.
+NORMALIZATION = {
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "imagenette-mini": (IMAGENET_MEAN, IMAGENET_STD),
+}
 
 
 def load_dataset(name: str, split: str, data_dir: str | Path | None = None) -> ArrayDataset:

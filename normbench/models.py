@@ -8,6 +8,7 @@ replace the pair (ConvNorm) provide their own factory, so no model needs a speci
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -47,6 +48,8 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
         )
         return ConvThenNorm(OrderedDict(conv=conv, norm=norm_layer))
 
+    # Builders that take torchvision's ``norm_layer(num_channels)`` argument use this.
+    make.norm_layer = functools.partial(create_norm, norm, **norm_kwargs)
     return make
 
 
@@ -179,3 +182,38 @@ def fastnet(
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- ImageNet ResNets (torchvision) -------------------------------------------------------------
+
+
+def _torchvision_resnet(name: str, block: BlockFactory, num_classes: int) -> nn.Module:
+    from torchvision import models as tv_models
+
+    norm_layer = getattr(block, "norm_layer", None)
+    if norm_layer is None:
+        raise ValueError(
+            f"{name} is built by torchvision, which takes a per-channel norm layer; this block "
+            "factory does not provide one (norms that own their convolution need a normbench model)"
+        )
+    return getattr(tv_models, name)(weights=None, num_classes=num_classes, norm_layer=norm_layer)
+
+
+@register_model(
+    "resnet18",
+    description="ImageNet ResNet-18 (torchvision, He et al. 2016) with the chosen norm, 11.7M "
+    "parameters at 1000 classes.",
+    family="resnet",
+)
+def resnet18(*, block: BlockFactory, num_classes: int = 1000) -> nn.Module:
+    return _torchvision_resnet("resnet18", block, num_classes)
+
+
+@register_model(
+    "resnet50",
+    description="ImageNet ResNet-50 (torchvision, He et al. 2016) with the chosen norm, 25.6M "
+    "parameters at 1000 classes.",
+    family="resnet",
+)
+def resnet50(*, block: BlockFactory, num_classes: int = 1000) -> nn.Module:
+    return _torchvision_resnet("resnet50", block, num_classes)

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from normbench import metrics as M
 from normbench.corruptions import BENCHMARK, EXTRA, FAMILIES, SEVERITIES
+from normbench.corruptions.imagenet_c import ALEXNET_ERRORS
 from normbench.metrics import MetricRow
 from normbench.store.models import Metric, Run, RunStatus
 
@@ -60,18 +61,21 @@ def corruption_errors(
     errors: Mapping[tuple[str, int], float],
     clean_error: float,
     reference: Mapping[tuple[str, int], float],
-    reference_clean_error: float,
+    reference_clean_error: float | None,
 ) -> tuple[float, float]:
-    """(mCE, relative mCE), both x100, over the 15 benchmark corruptions."""
+    """(mCE, relative mCE), both x100, over the 15 benchmark corruptions (relative mCE is NaN
+    without a reference clean error)."""
     ce, relative = [], []
     for c in BENCHMARK:
         ours = [errors[c, s] for s in SEVERITIES]
         ref = [reference[c, s] for s in SEVERITIES]
         ce.append(sum(ours) / sum(ref))
+        if reference_clean_error is None:
+            continue
         denominator = sum(r - reference_clean_error for r in ref)
         numerator = sum(e - clean_error for e in ours)
         relative.append(numerator / denominator if denominator else float("nan"))
-    return 100 * _mean(ce), 100 * _mean(relative)
+    return 100 * _mean(ce), 100 * _mean(relative) if relative else float("nan")
 
 
 def _errors_by_run(session: Session, run_ids: list[int]) -> dict[int, dict]:
@@ -87,9 +91,13 @@ def _errors_by_run(session: Session, run_ids: list[int]) -> dict[int, dict]:
     return by_run
 
 
-def update_mce(engine: Engine, suite: str, budget: str, reference: tuple[str, str]) -> int:
+def update_mce(
+    engine: Engine, suite: str, budget: str, reference: tuple[str, str], alexnet: bool = False
+) -> int:
     """Recompute mCE rows of every finished run of ``suite``/``budget``; returns how many runs
-    got them (0 when the reference pair has no finished run with corruption results)."""
+    got them (0 when the reference has no finished run with corruption results). With
+    ``alexnet`` (ImageNet-C), errors are normalised by AlexNet's published errors instead, and
+    relative mCE is not computed (its clean error is not part of that reference)."""
     with Session(engine) as session, session.begin():
         runs = session.scalars(
             select(Run).where(
@@ -105,17 +113,22 @@ def update_mce(engine: Engine, suite: str, budget: str, reference: tuple[str, st
                 Metric.run_id.in_([r.id for r in runs]), Metric.name.in_((MCE, RELATIVE_MCE))
             )
         )
-        if not refs:
+        if alexnet:
+            ref_errors = {(c, s): ALEXNET_ERRORS[c] for c, s in keys}
+            ref_clean, label = None, "AlexNet (Hendrycks & Dietterich 2019)"
+        elif refs:
+            ref_errors = {k: _mean(errors[r.id][k] for r in refs) for k in keys}
+            ref_clean = _mean(errors[r.id]["", 0] for r in refs)
+            label = f"{reference[0]} + {reference[1]}, seeds {sorted(r.seed for r in refs)}"
+        else:
             return 0
-        ref_errors = {k: _mean(errors[r.id][k] for r in refs) for k in keys}
-        ref_clean = _mean(errors[r.id]["", 0] for r in refs)
-        label = f"{reference[0]} + {reference[1]}, seeds {sorted(r.seed for r in refs)}"
         for run in runs:
             if run.id not in complete or ("", 0) not in errors[run.id]:
                 continue
             ours = errors[run.id]
             mce, rel = corruption_errors(ours, ours["", 0], ref_errors, ref_clean)
-            for name, value in ((MCE, mce), (RELATIVE_MCE, rel)):
+            values = ((MCE, mce),) if ref_clean is None else ((MCE, mce), (RELATIVE_MCE, rel))
+            for name, value in values:
                 session.add(Metric(run_id=run.id, name=name, split="test", value=value,
                                    corruption="", severity=0))  # fmt: skip
             run.provenance = {**run.provenance, "mce_reference": label}

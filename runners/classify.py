@@ -25,8 +25,9 @@ from torch import nn
 from normbench import metrics as M
 from normbench.corruptions import ALL as CORRUPTIONS_ALL
 from normbench.corruptions import SEVERITIES, TABLE_VERSION
+from normbench.corruptions.imagenet_c import ImageNetC
 from normbench.corruptions.sets import prepare_cifar10_c
-from normbench.data import TensorLoader, load_dataset
+from normbench.data import NORMALIZATION, TensorLoader, load_dataset
 from normbench.metrics import Evaluation, MetricRow
 from normbench.models import conv_norm_factory, create_model, parameter_count
 from normbench.norms import NORMS
@@ -77,19 +78,21 @@ def evaluate(
     dtype: torch.dtype | None,
     on_batch: Callable[[int, int], None] = lambda done, total: None,
 ) -> Evaluation:
-    """Accuracy, loss, ECE and steady-state throughput (first batch excluded) on ``loader``."""
+    """Accuracy, loss, ECE and steady-state throughput on ``loader``."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
+    # The first batch is left out of the rate (warm-up) unless it is the only one.
+    skip = 1 if len(loader) > 1 else 0
     timed_images, start = 0, None
     for i, (x, y) in enumerate(loader):
-        if i == 1:
+        if i == skip:
             _sync(loader.device)
             start = time.perf_counter()
         with _autocast(loader.device, dtype):
             logits.append(model(x).float())
         labels.append(y)
-        if i >= 1:
+        if i >= skip:
             timed_images += len(y)
         on_batch(i + 1, len(loader))
     _sync(loader.device)
@@ -115,30 +118,38 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
+def corruption_source(spec: RunSpec, test_set, data_dir: str | Path | None):
+    """Where the corrupted evaluation images come from: an object with ``load(name, severity)``,
+    ``source`` and ``images_per_pair``."""
+    s = spec.settings
+    if s["corruption_set"] == "imagenet-c":
+        return ImageNetC(test_set, data_dir, subset=s["corruption_subset"])
+    return prepare_cifar10_c(data_dir, subset=s["corruption_subset"])
+
+
 def evaluate_corruptions(
     model: nn.Module,
     spec: RunSpec,
     device: torch.device,
     dtype: torch.dtype | None,
-    data_dir: str | Path | None,
+    loader_for: Callable[[Any], TensorLoader],
+    cset,
     result: RunResult,
     progress: Progress,
 ) -> list[MetricRow]:
     """Accuracy on every (corruption, severity) of the suite's corruption set, and aggregates."""
-    s = spec.settings
-    cset = prepare_cifar10_c(data_dir, subset=s["corruption_subset"])
     result.info |= {
         "corruption_set": cset.source,
         "corruption_table": TABLE_VERSION,
-        "corruption_subset": s["corruption_subset"],
-        "corruption_images_per_pair": len(cset.indices) if cset.indices else 10_000,
+        "corruption_subset": spec.settings["corruption_subset"],
+        "corruption_images_per_pair": cset.images_per_pair,
     }
     accuracy: dict[tuple[str, int], float] = {}
     pairs = [(c, sev) for c in CORRUPTIONS_ALL for sev in SEVERITIES]
     for i, (name, severity) in enumerate(pairs):
-        loader = TensorLoader(cset.load(name, severity), s["eval_batch_size"], device=device,
-                              train=False)  # fmt: skip
-        accuracy[name, severity] = evaluate(model, loader, dtype).accuracy
+        accuracy[name, severity] = evaluate(
+            model, loader_for(cset.load(name, severity)), dtype
+        ).accuracy
         progress.on_eval_batch(i + 1, len(pairs))
     rows = [MetricRow(M.ACCURACY, a, "test", c, sev) for (c, sev), a in accuracy.items()]
     return rows + aggregate_rows(accuracy)
@@ -182,6 +193,7 @@ def run(
     optimizer = create_optimizer(spec.optimizer, model, **spec.hparams)
     peak_lrs = [g["lr"] for g in optimizer.param_groups]
     generator = torch.Generator().manual_seed(spec.seed)
+    mean, std = NORMALIZATION[spec.dataset]
     train_loader = TensorLoader(
         train_set,
         s["batch_size"],
@@ -190,8 +202,16 @@ def run(
         generator=generator,
         crop_padding=s["augment"]["crop_padding"],
         flip=s["augment"]["flip"],
+        mean=mean,
+        std=std,
     )
-    test_loader = TensorLoader(test_set, s["eval_batch_size"], device=device, train=False)
+
+    def eval_loader(ds) -> TensorLoader:
+        return TensorLoader(
+            ds, s["eval_batch_size"], device=device, train=False, mean=mean, std=std
+        )
+
+    test_loader = eval_loader(test_set)
     steps_per_epoch = len(train_loader)
     total_steps = s["epochs"] * steps_per_epoch
 
@@ -304,7 +324,10 @@ def run(
             MetricRow(M.EVAL_THROUGHPUT, evaluation.images_per_s, "test"),
         ]
         if s.get("corruption_set"):
-            rows += evaluate_corruptions(model, spec, device, dtype, data_dir, result, progress)
+            cset = corruption_source(spec, test_set, data_dir)
+            rows += evaluate_corruptions(
+                model, spec, device, dtype, eval_loader, cset, result, progress
+            )
     # Wall time sums the sessions of a resumed run (each from its own start, data loading included).
     rows.append(MetricRow(M.WALL_TIME, earlier_wall + time.perf_counter() - wall_start))
     result.metrics = rows

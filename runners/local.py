@@ -120,7 +120,8 @@ def run_specs(
             outcomes.append(Outcome(spec, "failed", detail))
             continue
         with deferred_interrupt():
-            store.finish_run(
+            stored = _finish(
+                store,
                 key,
                 status=RunStatus(result.status),
                 metrics=result.metrics,
@@ -130,6 +131,10 @@ def run_specs(
                 error=result.reason,
                 provenance_update=result.info,
             )
+        if not stored:
+            console.print(f"[red]failed[/red] {label(spec)}: its results could not be stored")
+            outcomes.append(Outcome(spec, "failed", "results could not be stored"))
+            continue
         ckpt.unlink(missing_ok=True)
         values = {m.name: m.value for m in result.metrics if not m.corruption}
         if result.status == "finished":
@@ -143,6 +148,16 @@ def run_specs(
             console.print(f"[yellow]{result.status}[/yellow] {label(spec)}: {detail}")
         outcomes.append(Outcome(spec, result.status, detail))
     return outcomes
+
+
+def _finish(store: Store, key: str, **fields) -> bool:
+    """Store a run's results; if that fails, record the failure instead of leaving it running."""
+    try:
+        store.finish_run(key, **fields)
+    except Exception:  # noqa: BLE001 - the run must not stay "running"
+        store.mark(key, RunStatus.failed, "storing the results failed:\n" + traceback.format_exc())
+        return False
+    return True
 
 
 def _run_with_progress(

@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -130,12 +129,16 @@ def test_sigint_mid_epoch_then_resume(cifar_dir, tmp_path, db):
     cmd = [sys.executable, "-m", "normbench.cli", "run", f"--suite={suite}", "--budget=smoke",
            "--norms=batchnorm", "--optimizers=sgd"]  # fmt: skip
     env = dict(os.environ)
-    checkpoints = Path(env["NORMBENCH_CACHE_DIR"]) / "checkpoints"
+    spec = plan(load_suite(str(suite)), "smoke", norms=["batchnorm"], optimizers=["sgd"])[0]
+    checkpoint = checkpoint_path(spec.key)
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it;
+    # give the child the default disposition an interactive user's Ctrl-C would meet.
     proc = subprocess.Popen(
-        [*cmd, f"--db={db}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        [*cmd, f"--db={db}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     deadline = time.monotonic() + 120
-    while not list(checkpoints.glob("*.pt")) and time.monotonic() < deadline:
+    while not checkpoint.exists() and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[0]
         time.sleep(0.05)
     time.sleep(0.3)  # into the next epoch

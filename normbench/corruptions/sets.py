@@ -58,6 +58,10 @@ class CorruptedSet:
     def indices(self) -> list[int] | None:
         return self.manifest.get("indices")
 
+    @property
+    def images_per_pair(self) -> int:
+        return self.rows if self.indices is None else len(self.indices)
+
     def load(self, name: str, severity: int) -> ArrayDataset:
         """The evaluated test images of one (corruption, severity), (N,3,32,32) uint8."""
         check(name, severity)

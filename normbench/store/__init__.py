@@ -8,6 +8,7 @@ first use or explicitly with ``normbench db upgrade``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from importlib import resources
 from typing import Any
@@ -157,9 +158,12 @@ class Store:
                     value=float(m.value),
                 )
                 for m in metrics
+                if math.isfinite(m.value)  # a value that is not a number is left out, not stored
             )
             s.add_all(
-                CurvePoint(run_id=run.id, epoch=e, name=n, value=float(v)) for e, n, v in curves
+                CurvePoint(run_id=run.id, epoch=e, name=n, value=float(v))
+                for e, n, v in curves
+                if math.isfinite(v)
             )
             run.status, run.epochs_done = status, epochs_done
             run.diverged_step, run.error = diverged_step, error

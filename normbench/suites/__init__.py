@@ -32,6 +32,7 @@ from normbench.registry import EntryInfo, Registry
 
 BUILTIN_DIR = Path(__file__).parent
 BUDGETS = ("smoke", "cpu", "full")
+DATASET_NAMES = ("cifar10", "imagenet", "imagenette-mini")
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -47,6 +48,7 @@ class Augment(_Strict):
 
 class Budget(_Strict):
     model: str
+    dataset: Literal[DATASET_NAMES] | None = None  # type: ignore[valid-type]  # overrides the suite's
     model_args: dict[str, Any] = {}
     epochs: Annotated[int, Field(ge=1)]
     batch_size: Annotated[int, Field(ge=1)]
@@ -74,12 +76,12 @@ class SuiteFile(_Strict):
     description: str
     protocol_version: Annotated[int, Field(ge=1)]
     task: Literal["classify"]
-    dataset: Literal["cifar10"]
+    dataset: Literal[DATASET_NAMES]  # type: ignore[valid-type]
     norms: list[str]
     optimizers: list[str]
     seeds: list[int]
     reference: Reference
-    corruption_set: Literal["cifar10-c"] | None = None  # also evaluate on this corruption set
+    corruption_set: Literal["cifar10-c", "imagenet-c"] | None = None  # also evaluate on it
     budgets: dict[Literal[BUDGETS], Budget]  # type: ignore[valid-type]
 
 
@@ -306,7 +308,7 @@ def plan(
             budget=budget,
             protocol_version=suite.spec.protocol_version,
             task=suite.spec.task,
-            dataset=suite.spec.dataset,
+            dataset=b.dataset or suite.spec.dataset,
             norm=norm,
             optimizer=opt,
             seed=seed,
