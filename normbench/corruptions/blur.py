@@ -43,7 +43,6 @@ import torch
 from normbench.corruptions import RANDOM, register_corruption
 from normbench.corruptions.ops import (
     border_index,
-    clipped_zoom,
     correlate2d,
     motion_blur,
 )
@@ -282,14 +281,40 @@ def motion_blur_corruption(
 # --- zoom blur ----------------------------------------------------------------------------------
 
 
+@functools.cache
+def _zoom_matrix(size: int, zoom: float) -> torch.Tensor:
+    """``ops.clipped_zoom`` along one axis of length ``size`` as a (size, size) float64 matrix:
+    centre crop of ceil(size / zoom), corner-aligned linear resize to round(crop * zoom), centre
+    trim back to ``size``."""
+    crop = int(math.ceil(size / zoom))
+    top = (size - crop) // 2
+    zoomed = int(round(crop * zoom))
+    trim = (zoomed - size) // 2
+    scale = (crop - 1) / (zoomed - 1) if zoomed > 1 else 0.0
+    m = torch.zeros(size, size, dtype=torch.float64)
+    for i in range(size):
+        pos = (i + trim) * scale
+        lo = min(int(math.floor(pos)), crop - 1)
+        frac = pos - lo
+        hi = min(lo + 1, crop - 1)
+        m[i, top + lo] += 1 - frac
+        m[i, top + hi] += frac
+    return m
+
+
 @register_corruption("zoom_blur", family="blur",
                      description="mean of the image and its centre zooms")  # fmt: skip
 def zoom_blur(x: torch.Tensor, c: tuple[float, float, float], g: torch.Generator) -> torch.Tensor:
     zooms = np.arange(*c)
     x32 = x.float()  # the scripts' (x / 255.).astype(np.float32)
+    x64 = x32.double()
     out = torch.zeros_like(x32)
     for zoom in zooms:
-        out += clipped_zoom(x32.double(), float(zoom)).float()
+        # clipped_zoom as one matrix per axis: linear interpolation is separable, and two small
+        # matrix products beat a crop + resize + trim per zoom by a wide margin.
+        a = _zoom_matrix(x.shape[-2], float(zoom)).to(x.device)
+        b = _zoom_matrix(x.shape[-1], float(zoom)).to(x.device)
+        out += (a @ x64 @ b.T).float()
     y = (x32 + out) / (len(zooms) + 1)
     if x.dtype == torch.float64:
         # The scripts truncate the float32 product clip(y) * 255; hand over its exact value.
