@@ -25,6 +25,11 @@ SUMMARY_METRICS = (
 )  # fmt: skip
 
 
+def _finished_runs(suite: str, budget: str) -> tuple:
+    """The filter every number on the leaderboard shares: finished runs of one suite and budget."""
+    return (Run.suite == suite, Run.budget == budget, Run.status == RunStatus.finished)
+
+
 def _metric_stats(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
     query = (
         select(
@@ -37,9 +42,7 @@ def _metric_stats(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
         )
         .join(Metric, Metric.run_id == Run.id)
         .where(
-            Run.suite == suite,
-            Run.budget == budget,
-            Run.status == RunStatus.finished,
+            *_finished_runs(suite, budget),
             Metric.name.in_(SUMMARY_METRICS),
             Metric.corruption == "",
             Metric.severity == 0,
@@ -58,9 +61,7 @@ def _throughput_ratios(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
         select(Run.norm, Run.optimizer, Run.device, func.avg(Metric.value).label("rate"))
         .join(Metric, Metric.run_id == Run.id)
         .where(
-            Run.suite == suite,
-            Run.budget == budget,
-            Run.status == RunStatus.finished,
+            *_finished_runs(suite, budget),
             Metric.name == M.TRAIN_THROUGHPUT,
         )
         .group_by(Run.norm, Run.optimizer, Run.device)
@@ -81,9 +82,7 @@ def _worst_corruptions(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
         select(Run.norm, Run.optimizer, Metric.corruption, func.avg(Metric.value))
         .join(Metric, Metric.run_id == Run.id)
         .where(
-            Run.suite == suite,
-            Run.budget == budget,
-            Run.status == RunStatus.finished,
+            *_finished_runs(suite, budget),
             Metric.name == M.ACCURACY,
             Metric.corruption.in_(BENCHMARK),
             Metric.severity == 0,
