@@ -155,6 +155,7 @@ class ListKind(StrEnum):
     optimizers = "optimizers"
     models = "models"
     suites = "suites"
+    corruptions = "corruptions"
 
 
 @app.command("list")
@@ -163,15 +164,20 @@ def list_(
     kind: Annotated[ListKind, typer.Argument(help="What to list.")],
     pattern: Annotated[str, typer.Option(help="Glob filter on names.")] = "*",
 ) -> None:
-    """List registered norms, optimizers, models or suites."""
+    """List registered norms, optimizers, models, suites or corruptions."""
+    from normbench.corruptions import CORRUPTIONS
     from normbench.models import MODELS
     from normbench.norms import NORMS
     from normbench.optim import OPTIMIZERS
     from normbench.suites import SUITES
 
-    registry = {"norms": NORMS, "optimizers": OPTIMIZERS, "models": MODELS, "suites": SUITES}[
-        kind.value
-    ]
+    registry = {
+        "norms": NORMS,
+        "optimizers": OPTIMIZERS,
+        "models": MODELS,
+        "suites": SUITES,
+        "corruptions": CORRUPTIONS,
+    }[kind.value]
     table = Table("name", "family", "capabilities", "description", title=kind.value)
     for name in registry.names(pattern):
         info = registry.info(name)

@@ -134,7 +134,8 @@ def test_list_commands():
         ("norms", "groupnorm"),
         ("optimizers", "adamw"),
         ("models", "resnet56"),
-        ("suites", "cifar10"),
+        ("suites", "cifar-c"),
+        ("corruptions", "glass_blur"),
     ):
         result = invoke("list", kind)
         assert result.exit_code == 0 and name in result.output
