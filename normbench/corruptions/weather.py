@@ -317,13 +317,20 @@ def snow(x: torch.Tensor, params: tuple, g: torch.Generator) -> torch.Tensor:
 _CANNY_SHIFT = 15
 _TG22 = int(0.4142135623730950488016887242097 * (1 << _CANNY_SHIFT) + 0.5)
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+_OFFSETS3 = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
 
 
 def _correlate3(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
     """3x3 correlation of (N, H, W) float values with ``kernel``, border ``mode``; exact for the
     small-integer data and kernels used here."""
-    p = pad2d(x[:, None], 1, 1, mode)
-    return F.conv2d(p, kernel.to(p).view(1, 1, 3, 3))[:, 0]
+    p = pad2d(x, 1, 1, mode)
+    out = torch.zeros_like(x)
+    # Nine shifted multiply-adds: exact here in any order, and several times faster than a
+    # single-channel conv2d in float64.
+    for (dr, dc), k in zip(_OFFSETS3, kernel.flatten().tolist(), strict=True):
+        if k:
+            out += _shifted(p, 1, dr, dc) * k if k != 1 else _shifted(p, 1, dr, dc)
+    return out
 
 
 def _shifted(p: torch.Tensor, pad: int, dr: int, dc: int) -> torch.Tensor:
