@@ -8,6 +8,7 @@ OpenCV calls BORDER_REFLECT_101).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -55,10 +56,17 @@ def correlate_separable(
 
 def correlate2d(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
     """Per-channel correlation of ``x`` (N,C,H,W) with one odd 2-D ``kernel`` (OpenCV filter2D)."""
-    n, c, h, w = x.shape
     kh, kw = kernel.shape
-    y = pad2d(x.reshape(n * c, 1, h, w), kh // 2, kw // 2, mode)
-    return F.conv2d(y, kernel.to(x).view(1, 1, kh, kw)).reshape(n, c, h, w)
+    h, w = x.shape[-2:]
+    y = pad2d(x, kh // 2, kw // 2, mode)
+    out = torch.zeros_like(x)
+    # Taps accumulated one by one in row-major order (as OpenCV's filter2D does): cheaper than a
+    # float64 conv2d for the small kernels used here, and rounds like the reference.
+    taps = itertools.product(range(kh), range(kw))
+    for (i, j), k in zip(taps, kernel.flatten().tolist(), strict=True):
+        if k:
+            out += y[..., i : i + h, j : j + w] * k
+    return out
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
