@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
+import torch
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -32,3 +34,11 @@ def leaderboard_json(db: str, suite: str = "cifar10") -> list[dict]:
     result = invoke("leaderboard", *args)
     assert result.exit_code == 0, result.output
     return json.loads(result.output)
+
+
+@functools.cache
+def cifar_test_images(data_dir: str, n: int) -> torch.Tensor:
+    """The first ``n`` real CIFAR-10 test images, decoded once per test session."""
+    from normbench.data import load_cifar10
+
+    return load_cifar10("test", data_dir).images[:n].contiguous()

@@ -8,14 +8,13 @@ blur: fixed angles).
 
 from __future__ import annotations
 
-import functools
-
 import cv2
 import numpy as np
 import pytest
 import scipy.ndimage
 import skimage.filters
 import torch
+from helpers import cifar_test_images
 
 from normbench.corruptions import CORRUPTIONS, RANDOM, corrupt, from_unit
 from normbench.corruptions.blur import glass_offsets, glass_shuffle, motion_blur_at
@@ -35,16 +34,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@functools.cache
-def _test_images(data_dir: str, n: int) -> torch.Tensor:
-    from normbench.data import load_cifar10
-
-    return load_cifar10("test", data_dir).images[:n]
-
-
 @pytest.fixture
 def images(cifar_dir) -> torch.Tensor:
-    return _test_images(str(cifar_dir), 64)
+    return cifar_test_images(str(cifar_dir), 64)
 
 
 def _hwc(images: torch.Tensor) -> np.ndarray:

@@ -6,13 +6,13 @@ Deterministic corruptions are compared with independent per-image implementation
 
 from __future__ import annotations
 
-import functools
 import io
 
 import numpy as np
 import pytest
 import skimage.color
 import torch
+from helpers import cifar_test_images
 from PIL import Image
 
 from normbench.corruptions import ALL, BENCHMARK, CORRUPTIONS, EXTRA, FAMILIES, corrupt
@@ -23,16 +23,9 @@ NOISE = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise")
 DIGITAL = ("brightness", "contrast", "saturate", "pixelate", "jpeg_compression")
 
 
-@functools.cache
-def _test_images(data_dir: str, n: int) -> torch.Tensor:
-    from normbench.data import load_cifar10
-
-    return load_cifar10("test", data_dir).images[:n]
-
-
 @pytest.fixture
 def images(cifar_dir) -> torch.Tensor:
-    return _test_images(str(cifar_dir), 128)
+    return cifar_test_images(str(cifar_dir), 128)
 
 
 def test_names_tables_and_families_are_consistent():

@@ -14,14 +14,13 @@ no 1/32-pixel quantisation to account for; the warped float images agree to abou
 
 from __future__ import annotations
 
-import functools
-
 import cv2
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
+from helpers import cifar_test_images
 
 from normbench.corruptions import CORRUPTIONS, corrupt, from_unit, to_unit
 from normbench.corruptions.geometric import bilinear_sample, draw, elastic_from_draws
@@ -33,16 +32,9 @@ MAX_LEVELS = 1  # largest uint8 difference from the reference
 MAX_FRACTION = 1e-3  # largest fraction of uint8 values that differ from the reference at all
 
 
-@functools.cache
-def _test_images(n: int) -> torch.Tensor:
-    from normbench.data import load_cifar10
-
-    return load_cifar10("test").images[:n]
-
-
 @pytest.fixture
 def images(cifar_dir) -> torch.Tensor:
-    return _test_images(32)
+    return cifar_test_images(str(cifar_dir), 32)
 
 
 def reference(

@@ -8,7 +8,6 @@ through the module's ``*_draws`` helpers, so the comparison covers ``corrupt`` e
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import math
 import warnings
@@ -20,6 +19,7 @@ import scipy.ndimage
 import skimage.filters
 import torch
 import torch.nn.functional as F
+from helpers import cifar_test_images
 
 from normbench.corruptions import CORRUPTIONS, RANDOM, corrupt
 from normbench.corruptions import weather as W
@@ -40,16 +40,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@functools.cache
-def _test_images(data_dir: str) -> torch.Tensor:
-    from normbench.data import load_cifar10
-
-    return load_cifar10("test", data_dir).images[:N].contiguous()
-
-
 @pytest.fixture
 def images(cifar_dir) -> torch.Tensor:
-    return _test_images(str(cifar_dir))
+    return cifar_test_images(str(cifar_dir), N)
 
 
 def _gen(seed: int) -> torch.Generator:
