@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,3 +53,13 @@ def cifar_dir(monkeypatch) -> Path:
         )
     monkeypatch.setenv("NORMBENCH_DATA_DIR", str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of small batched ops: a second thread only adds
+    synchronisation, which stalls badly when the machine's cores are busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

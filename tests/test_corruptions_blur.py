@@ -24,14 +24,7 @@ BLUR = ("gaussian_blur", "glass_blur", "defocus_blur", "motion_blur", "zoom_blur
 DETERMINISTIC = ("gaussian_blur", "defocus_blur", "zoom_blur")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These batches are small: intra-op threads add only synchronisation, which stalls badly
-    when the machine's cores are busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -31,13 +31,7 @@ SEVERITIES = (1, 2, 3, 4, 5)
 N = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small batched ops: a second intra-op thread only adds contention on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
