@@ -15,7 +15,16 @@ import torch
 from helpers import cifar_test_images
 from PIL import Image
 
-from normbench.corruptions import ALL, BENCHMARK, CORRUPTIONS, EXTRA, FAMILIES, corrupt
+from normbench.corruptions import (
+    ALL,
+    BENCHMARK,
+    CORRUPTIONS,
+    EXTRA,
+    FAMILIES,
+    UINT8,
+    corrupt,
+    from_unit,
+)
 from normbench.corruptions.tables import CIFAR, IMAGENET
 from normbench.errors import NormbenchError, UnknownNameError
 
@@ -74,6 +83,17 @@ def test_shape_dtype_determinism_and_severity_order(images, name):
             assert not torch.equal(a, c)
         as_float = corrupt(images.float() / 255, name, severity, torch.Generator().manual_seed(1))
         assert as_float.dtype == torch.float32 and as_float.min() >= 0 and as_float.max() <= 1
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if CORRUPTIONS.info(n).has(UINT8)])
+def test_uint8_shortcut_equals_the_float64_path(images, name):
+    # Corruptions that take uint8 directly must give what the float64 round trip gives.
+    assert name in {"jpeg_compression", "pixelate", "motion_blur", "zoom_blur", "frost", "spatter"}
+    for severity in range(1, 6):
+        direct = corrupt(images[:96], name, severity, torch.Generator().manual_seed(3))
+        x64 = images[:96].double() / 255
+        via_float = corrupt(x64, name, severity, torch.Generator().manual_seed(3))
+        assert torch.equal(direct, from_unit(via_float, torch.uint8))
 
 
 def _reference(name: str, c, img: np.ndarray) -> np.ndarray:

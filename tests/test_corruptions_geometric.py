@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from helpers import cifar_test_images
 
 from normbench.corruptions import CORRUPTIONS, corrupt, from_unit, to_unit
-from normbench.corruptions.geometric import bilinear_sample, draw, elastic_from_draws
+from normbench.corruptions.geometric import (
+    bilinear_sample,
+    draw,
+    elastic_from_draws,
+    fold_index,
+)
+from normbench.corruptions.ops import border_index
 from normbench.corruptions.tables import CIFAR, IMAGENET
 
 NAME = "elastic_transform"
@@ -192,3 +198,12 @@ def test_cuda_matches_cpu(images):
         gpu = corrupt(images.cuda(), NAME, severity, torch.Generator().manual_seed(0)).cpu()
         diff = (cpu.int() - gpu.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() <= MAX_FRACTION
+
+
+@pytest.mark.parametrize("mode", ["reflect", "mirror"])
+def test_fold_index_agrees_with_padding_near_and_far(mode):
+    # the one-fold shortcut and the periodic fold give the padding's source indices
+    for n in (1, 2, 3, 5, 32):
+        for span in (n, 3 * n + 7):
+            i = torch.arange(-span, n + span)
+            assert torch.equal(fold_index(i, n, mode), border_index(n, span, mode))

@@ -40,10 +40,11 @@ import math
 import numpy as np
 import torch
 
-from normbench.corruptions import RANDOM, register_corruption
+from normbench.corruptions import RANDOM, UINT8, register_corruption
 from normbench.corruptions.ops import (
     border_index,
     correlate2d,
+    gaussian_filter,
     motion_blur,
 )
 
@@ -61,34 +62,9 @@ def as_float64(x: torch.Tensor) -> torch.Tensor:
     return torch.where((x255 - levels).abs() < _LEVEL_SNAP, levels / 255, x.double())
 
 
-def _scipy_gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
-    radius = int(truncate * float(sigma) + 0.5)
-    taps = np.arange(-radius, radius + 1)
-    phi = np.exp(-0.5 / (sigma * sigma) * taps**2)
-    return phi / phi.sum()
-
-
-def _symmetric_correlate1d(x: torch.Tensor, weights: np.ndarray, dim: int) -> torch.Tensor:
-    """SciPy's ``correlate1d`` for a symmetric kernel with edge mode nearest, in its order of
-    operations: ``w0 x[i] + sum over j = r..1 of w_j (x[i - j] + x[i + j])``."""
-    r = len(weights) // 2
-    n = x.shape[dim]
-    padded = x.index_select(dim, border_index(n, r, "nearest", x.device))
-    out = padded.narrow(dim, r, n) * float(weights[r])
-    for j in range(r, 0, -1):
-        out = out + (padded.narrow(dim, r - j, n) + padded.narrow(dim, r + j, n)) * float(
-            weights[r + j]
-        )
-    return out
-
-
 def scipy_gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """skimage ``gaussian(x, sigma)`` per channel of (N,C,H,W) float64 ``x``, bit for bit: SciPy's
-    kernel and summation order, rows (H) first, then columns (W)."""
-    if sigma <= 0:
-        return x
-    weights = _scipy_gaussian_kernel(sigma)
-    return _symmetric_correlate1d(_symmetric_correlate1d(x, weights, 2), weights, 3)
+    """skimage ``gaussian(x, sigma)`` per channel of (N,C,H,W) float64 ``x``, bit for bit."""
+    return gaussian_filter(x, sigma)
 
 
 @register_corruption("gaussian_blur", family="blur",
@@ -264,12 +240,14 @@ def defocus_blur(x: torch.Tensor, c: tuple[float, float], g: torch.Generator) ->
 def motion_blur_at(
     x: torch.Tensor, radius: float, sigma: float, angles_deg: torch.Tensor
 ) -> torch.Tensor:
-    """ImageMagick motion blur at the given angle per image, rounded to 8-bit levels."""
-    blurred = motion_blur(as_float64(x) * 255, radius, sigma, angles_deg)
-    return (torch.floor(blurred + 0.5).clamp_(0, 255) / 255).to(x.dtype)
+    """ImageMagick motion blur at the given angle per image, rounded to 8-bit levels (uint8 in
+    and out, or floats in [0, 1])."""
+    x255 = x.double() if x.dtype == torch.uint8 else as_float64(x) * 255
+    levels = motion_blur(x255, radius, sigma, angles_deg).add_(0.5).floor_().clamp_(0, 255)
+    return levels.to(torch.uint8) if x.dtype == torch.uint8 else (levels / 255).to(x.dtype)
 
 
-@register_corruption("motion_blur", family="blur", capabilities={RANDOM},
+@register_corruption("motion_blur", family="blur", capabilities={RANDOM, UINT8},
                      description="ImageMagick motion blur, angle uniform in [-45, 45]")  # fmt: skip
 def motion_blur_corruption(
     x: torch.Tensor, c: tuple[float, float], g: torch.Generator
@@ -302,11 +280,12 @@ def _zoom_matrix(size: int, zoom: float) -> torch.Tensor:
     return m
 
 
-@register_corruption("zoom_blur", family="blur",
+@register_corruption("zoom_blur", family="blur", capabilities={UINT8},
                      description="mean of the image and its centre zooms")  # fmt: skip
 def zoom_blur(x: torch.Tensor, c: tuple[float, float, float], g: torch.Generator) -> torch.Tensor:
     zooms = np.arange(*c)
-    x32 = x.float()  # the scripts' (x / 255.).astype(np.float32)
+    # the scripts' (x / 255.).astype(np.float32)
+    x32 = (x.double() / 255).float() if x.dtype == torch.uint8 else x.float()
     x64 = x32.double()
     out = torch.zeros_like(x32)
     for zoom in zooms:
@@ -316,7 +295,10 @@ def zoom_blur(x: torch.Tensor, c: tuple[float, float, float], g: torch.Generator
         b = _zoom_matrix(x.shape[-1], float(zoom)).to(x.device)
         out += (a @ x64 @ b.T).float()
     y = (x32 + out) / (len(zooms) + 1)
+    # The scripts truncate the float32 product clip(y) * 255: do that for uint8, and hand its
+    # exact value over for float64 (which ``from_unit`` truncates the same way).
+    if x.dtype == torch.uint8:
+        return y.clamp_(0, 1).mul_(255).floor_().to(torch.uint8)
     if x.dtype == torch.float64:
-        # The scripts truncate the float32 product clip(y) * 255; hand over its exact value.
         return (y.clamp(0, 1) * 255).double() / 255
     return y.to(x.dtype)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from normbench.corruptions import register_corruption
-from normbench.corruptions.ops import hsv_to_rgb, rgb_to_hsv
+from normbench.corruptions import UINT8, register_corruption
+from normbench.corruptions.ops import hsv_to_rgb, rgb_to_hsv, thread_pool
 
 
 @register_corruption("brightness", family="weather", description="HSV value + c")
@@ -67,16 +67,20 @@ def pil_box_resize(x255: torch.Tensor, size: int) -> torch.Tensor:
     return torch.floor(rows @ x255 + 0.5)  # then vertical
 
 
-@register_corruption("pixelate", family="digital",
+@register_corruption("pixelate", family="digital", capabilities={UINT8},
                      description="BOX-downsample to int(s c), BOX-upsample back")  # fmt: skip
 def pixelate(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
     size = x.shape[-1]
-    x255 = torch.round(x * 255)
-    return pil_box_resize(pil_box_resize(x255, int(size * c)), size) / 255
+    x255 = x.double() if x.dtype == torch.uint8 else torch.round(x * 255)
+    y255 = pil_box_resize(pil_box_resize(x255, int(size * c)), size)
+    return y255.to(torch.uint8) if x.dtype == torch.uint8 else y255 / 255
 
 
-@register_corruption("jpeg_compression", family="digital", description="JPEG at quality q")
+@register_corruption("jpeg_compression", family="digital", capabilities={UINT8},
+                     description="JPEG at quality q")  # fmt: skip
 def jpeg_compression(x: torch.Tensor, quality: int, g: torch.Generator) -> torch.Tensor:
+    if x.dtype == torch.uint8:
+        return _jpeg_round_trip(x.cpu(), int(quality)).to(x.device)
     images = torch.round(x * 255).to(torch.uint8).cpu()
     return _jpeg_round_trip(images, int(quality)).to(x) / 255
 
@@ -93,7 +97,14 @@ def _jpeg_round_trip(images: torch.Tensor, quality: int) -> torch.Tensor:
             warnings.simplefilter("ignore", DeprecationWarning)
             from torchvision.io import decode_jpeg, encode_jpeg
 
-            return torch.stack(decode_jpeg(encode_jpeg(list(images), quality=quality)))
+            def round_trip(part: list[torch.Tensor]) -> list[torch.Tensor]:
+                return decode_jpeg(encode_jpeg(part, quality=quality))
+
+            # the codec releases the GIL: one share of the batch per intra-op thread
+            parts = [
+                list(p) for p in images.tensor_split(min(torch.get_num_threads(), len(images)))
+            ]
+            return torch.stack([y for part in thread_pool().map(round_trip, parts) for y in part])
     except (ImportError, RuntimeError):
         pass
     out = np.empty_like(images.permute(0, 2, 3, 1).numpy())

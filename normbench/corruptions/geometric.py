@@ -35,15 +35,16 @@ def fold_index(i: torch.Tensor, n: int, mode: str) -> torch.Tensor:
     ``reflect``: half-sample symmetric (period 2n, ``b a | a b``); ``mirror``: whole-sample
     (period 2n - 2, ``c b | a b c``, OpenCV's BORDER_REFLECT_101).
     """
-    if mode == "reflect":
-        i = i % (2 * n)
-        return torch.where(i >= n, 2 * n - 1 - i, i)
-    if mode == "mirror":
-        if n == 1:
-            return torch.zeros_like(i)
-        i = i % (2 * n - 2)
-        return torch.where(i >= n, 2 * n - 2 - i, i)
-    raise ValueError(f"unknown border mode {mode!r}; use 'reflect' or 'mirror'")
+    if mode not in ("reflect", "mirror"):
+        raise ValueError(f"unknown border mode {mode!r}; use 'reflect' or 'mirror'")
+    if (mode == "mirror" and n == 1) or i.numel() == 0:
+        return torch.zeros_like(i)
+    period = 2 * n if mode == "reflect" else 2 * n - 2
+    lo, hi = i.aminmax()
+    if not (lo >= -(period - n) and hi < period):
+        i = i % period  # integer division is slow: only where indices lie beyond one fold
+    before = -i - 1 if mode == "reflect" else -i
+    return torch.where(i < 0, before, torch.where(i >= n, period - 1 - i + (mode == "mirror"), i))
 
 
 def bilinear_sample(

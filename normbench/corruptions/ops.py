@@ -8,13 +8,23 @@ OpenCV calls BORDER_REFLECT_101).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 BORDER_MODES = ("nearest", "reflect", "mirror")
+
+
+@functools.cache
+def thread_pool() -> ThreadPoolExecutor:
+    """Threads for serial C++ work that releases the GIL and starts no OpenMP team of its own
+    (the JPEG codec; torch ops in these threads would each start a spinning team)."""
+    return ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="corrupt")
 
 
 def border_index(n: int, pad: int, mode: str, device: torch.device | None = None) -> torch.Tensor:
@@ -35,23 +45,21 @@ def border_index(n: int, pad: int, mode: str, device: torch.device | None = None
 
 def pad2d(x: torch.Tensor, pad_h: int, pad_w: int, mode: str) -> torch.Tensor:
     """Pad the last two axes of ``x`` by gathering with :func:`border_index` (any pad width)."""
+    fast = {"nearest": "replicate", "mirror": "reflect"}.get(mode)
+    if (
+        fast
+        and x.is_floating_point()
+        and x.ndim in (3, 4)
+        and pad_h < x.shape[-2]
+        and pad_w < x.shape[-1]
+    ):
+        # torch's own padding kernels (much faster than a gather) where they apply
+        return F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=fast)
     if pad_h:
         x = x.index_select(-2, border_index(x.shape[-2], pad_h, mode, x.device))
     if pad_w:
         x = x.index_select(-1, border_index(x.shape[-1], pad_w, mode, x.device))
     return x
-
-
-def correlate_separable(
-    x: torch.Tensor, k_rows: torch.Tensor, k_cols: torch.Tensor, mode: str
-) -> torch.Tensor:
-    """Per-channel correlation of ``x`` (N,C,H,W) with the outer product of two odd 1-D kernels."""
-    n, c, h, w = x.shape
-    ph, pw = len(k_rows) // 2, len(k_cols) // 2
-    y = pad2d(x.reshape(n * c, 1, h, w), ph, pw, mode)
-    y = F.conv2d(y, k_rows.to(x).view(1, 1, -1, 1))
-    y = F.conv2d(y, k_cols.to(x).view(1, 1, 1, -1))
-    return y.reshape(n, c, h, w)
 
 
 def correlate2d(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
@@ -72,19 +80,37 @@ def correlate2d(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tenso
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """SciPy's Gaussian kernel: radius ``int(truncate * sigma + 0.5)``, normalised to sum 1."""
     radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    phi = torch.exp(-0.5 / (sigma * sigma) * x * x)
-    return phi / phi.sum()
+    # computed in NumPy, as SciPy does, so the float64 weights are the same to the last bit
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma * sigma) * x**2)
+    return torch.from_numpy(phi / phi.sum())
+
+
+def symmetric_correlate1d(
+    x: torch.Tensor, weights: torch.Tensor, dim: int, mode: str = "nearest"
+) -> torch.Tensor:
+    """SciPy's ``correlate1d`` with a symmetric odd kernel along ``dim``, in its order of
+    operations: ``w0 x[i] + sum over j = r..1 of w_j (x[i - j] + x[i + j])``."""
+    r = len(weights) // 2
+    n = x.shape[dim]
+    padded = x.index_select(dim, border_index(n, r, mode, x.device))
+    taps = weights.tolist()
+    out = padded.narrow(dim, r, n) * taps[r]
+    for j in range(r, 0, -1):
+        out = out + (padded.narrow(dim, r - j, n) + padded.narrow(dim, r + j, n)) * taps[r + j]
+    return out
 
 
 def gaussian_filter(
     x: torch.Tensor, sigma: float, mode: str = "nearest", truncate: float = 4.0
 ) -> torch.Tensor:
-    """``scipy.ndimage.gaussian_filter`` over H and W of each channel (skimage ``gaussian``)."""
+    """``scipy.ndimage.gaussian_filter`` over H and W of each channel (skimage ``gaussian``), bit
+    for bit in float64: SciPy's kernel and summation order, rows (H) first, then columns (W).
+    Shifted multiply-adds beat a float64 conv2d for these short kernels."""
     if sigma <= 0:
         return x
-    k = gaussian_kernel1d(sigma, truncate)
-    return correlate_separable(x, k, k, mode)
+    k = gaussian_kernel1d(float(sigma), truncate)
+    return symmetric_correlate1d(symmetric_correlate1d(x, k, -2, mode), k, -1, mode)
 
 
 def opencv_gaussian_kernel(ksize: int, sigma: float) -> torch.Tensor:
@@ -157,13 +183,16 @@ def motion_blur(
     dx = torch.ceil(i[None] * torch.cos(theta)[:, None] - 0.5).long().to(x.device)
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
+    channel_start = (torch.arange(c, device=x.device) * (h * w)).view(1, c, 1)
+    flat = x.reshape(n, c * h * w)
     out = torch.zeros_like(x)
     for tap in range(width):
         r = (rows[None] + dy[:, tap, None]).clamp(0, h - 1)  # (N, H)
         q = (cols[None] + dx[:, tap, None]).clamp(0, w - 1)  # (N, W)
-        shifted = x.gather(2, r[:, None, :, None].expand(n, c, h, w))
-        shifted = shifted.gather(3, q[:, None, None, :].expand(n, c, h, w))
-        out += weights[tap] * shifted
+        # one gather per tap over all channels (two per-axis gathers cost more)
+        index = (r[:, :, None] * w + q[:, None, :]).view(n, 1, h * w) + channel_start
+        out += weights[tap] * flat.gather(1, index.view(n, -1)).view(n, c, h, w)
+    return out
     return out
 
 

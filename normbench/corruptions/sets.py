@@ -32,7 +32,7 @@ from normbench.corruptions import ALL, CORRUPTIONS, SEVERITIES, TABLE_VERSION, c
 from normbench.data import ArrayDataset, load_cifar10, sha256_file, subset_indices
 from normbench.errors import DataError
 
-ENGINE_VERSION = 1  # bump when a corruption's implementation changes its output
+ENGINE_VERSION = 2  # bump when a corruption's implementation changes its output
 N_TEST = 10_000
 OFFICIAL_DIRS = ("CIFAR-10-C", "cifar10-c", "cifar10/CIFAR-10-C")
 GENERATION_BATCH = 1000

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from normbench.corruptions import RANDOM, register_corruption
+from normbench.corruptions import RANDOM, UINT8, register_corruption
 from normbench.corruptions.ops import (
     clipped_zoom,
     gaussian_filter,
@@ -60,11 +60,14 @@ def _randn(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
 
 
 def _unit_from_255(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``v`` in [0, 255] units as [0, 1] values whose ``floor(y * 255)`` is ``floor(v)``.
+    """``v`` in [0, 255] units as [0, 1] values whose ``floor(y * 255)`` is ``floor(v)`` (or as
+    ``floor(v)`` itself for uint8).
 
     Dividing by 255 and multiplying back can land one ulp below an integer; float64 results are
     truncated without slack, so such values are nudged up by that ulp.
     """
+    if dtype == torch.uint8:
+        return v.floor().to(torch.uint8)
     y = v / 255
     if y.dtype == torch.float64:
         low = torch.floor(y * 255) < torch.floor(v)
@@ -76,6 +79,8 @@ def _float32_result(y32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A float32 result in [0, 1] whose uint8 truncation is that of ``float32(y32 * 255)``."""
     if dtype == torch.float32:
         return y32
+    if dtype == torch.uint8:
+        return (y32.clamp(0, 1) * 255).floor_().to(torch.uint8)
     return (y32.clamp(0, 1) * 255).to(dtype) / 255
 
 
@@ -257,11 +262,12 @@ def frost_crops(
 def frost_apply(x: torch.Tensor, params: tuple[float, float], crops: torch.Tensor) -> torch.Tensor:
     """clip(a * x255 + b * frost255, 0, 255), returned in [0, 1]."""
     a, b = params
-    v = (a * (x.double() * 255) + b * crops.double()).clamp(0, 255)
+    x255 = x.double() if x.dtype == torch.uint8 else x.double() * 255
+    v = (a * x255 + b * crops.double()).clamp(0, 255)
     return _unit_from_255(v, x.dtype)
 
 
-@register_corruption("frost", family="weather", capabilities={RANDOM},
+@register_corruption("frost", family="weather", capabilities={RANDOM, UINT8},
                      description="a x + b * random crop of a frost photograph")  # fmt: skip
 def frost(x: torch.Tensor, params: tuple[float, float], g: torch.Generator) -> torch.Tensor:
     n, _, h, _ = x.shape
@@ -368,16 +374,22 @@ def canny(images: torch.Tensor, low: float = 50, high: float = 150) -> torch.Ten
         (mag > nb(-1, 1)) & (mag > nb(1, -1)),
     )
     keep = torch.where(ay < tg22x, keep_h, torch.where(ay > tg67x, keep_v, keep_d))
-    candidate = (keep & (mag > math.floor(low)))[:, None].float()
-    grown = candidate * (mag > math.floor(high))[:, None].float()
+    candidate = keep & (mag > math.floor(low))
+    grown = candidate & (mag > math.floor(high))
     while True:
         nxt = grown
         for _ in range(4):
-            nxt = F.max_pool2d(nxt, 3, stride=1, padding=1) * candidate
+            nxt = dilate3(nxt) & candidate
         if torch.equal(nxt, grown):
-            break
+            return grown
         grown = nxt
-    return grown[:, 0] > 0
+
+
+def dilate3(mask: torch.Tensor) -> torch.Tensor:
+    """3x3 dilation of an (N, H, W) bool mask (outside counts as False), as two 1-D passes."""
+    p = F.pad(mask, (1, 1, 1, 1))
+    rows = p[:, :-2] | p[:, 1:-1] | p[:, 2:]
+    return rows[..., :-2] | rows[..., 1:-1] | rows[..., 2:]
 
 
 #: OpenCV's 5x5 chamfer metric for DIST_L2: steps to the 4 edge neighbours (1), the 4 diagonal
@@ -484,7 +496,7 @@ def spatter_liquid(normal: torch.Tensor, params: tuple) -> torch.Tensor:
 def spatter_apply(x: torch.Tensor, params: tuple, liquid: torch.Tensor) -> torch.Tensor:
     """The overlay of the (N, 1, H, W) float64 liquid layer on x (float32 arithmetic)."""
     threshold, intensity, mode = params[3], params[4], params[5]
-    x32 = x.float()
+    x32 = (x.double() / 255).float() if x.dtype == torch.uint8 else x.float()
     if mode == 0:
         # float -> uint8 truncates; values of 256 and more wrap around, as the C cast does on x86
         l8 = torch.floor(liquid[:, 0] * 255).long() & 255
@@ -502,7 +514,7 @@ def spatter_apply(x: torch.Tensor, params: tuple, liquid: torch.Tensor) -> torch
     return _float32_result(y32.clamp(0, 1), x.dtype)
 
 
-@register_corruption("spatter", family="weather", capabilities={RANDOM},
+@register_corruption("spatter", family="weather", capabilities={RANDOM, UINT8},
                      description="water (mode 0) or mud (mode 1) from a liquid layer")  # fmt: skip
 def spatter(x: torch.Tensor, params: tuple, g: torch.Generator) -> torch.Tensor:
     n, _, h, w = x.shape
