@@ -290,6 +290,49 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
     return t
 
 
+@app.command()
+@user_errors
+def dashboard(
+    db: Db = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 8501,
+    address: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 to share).")] = "localhost",
+) -> None:
+    """Open the leaderboard dashboard (Streamlit) on the results database, read-only."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from importlib import resources
+
+    url = config.db_url(db, create_parent=False)
+    from dashboard.data import readonly_engine
+
+    try:
+        readonly_engine(url).dispose()
+    except Exception as e:  # noqa: BLE001 - an unusable URL, reported as such
+        raise NormbenchError(f"Cannot use the database URL {url!r}: {e}") from None
+    with socket.socket() as probe:
+        try:
+            probe.bind((address, port))
+        except OSError as e:
+            raise NormbenchError(
+                f"Cannot serve on {address}:{port} ({e.strerror}); choose another --port."
+            ) from None
+    app_path = resources.files("dashboard") / "app.py"
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(app_path),
+        "--server.port", str(port), "--server.address", address, "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+    ]  # fmt: skip
+    err.print(f"Dashboard on http://{address}:{port} for {url} (Ctrl-C stops it)")
+    env = {**os.environ, "NORMBENCH_DB": url}
+    try:
+        code = subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
 class DatasetName(StrEnum):
     cifar10 = "cifar10"
     cifar10_c = "cifar10-c"

@@ -36,11 +36,13 @@ def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir(APP)) / "normbench.db"
 
 
-def db_url(explicit: str | None = None) -> str:
-    """An SQLAlchemy URL; a bare path means an SQLite file at that path."""
+def db_url(explicit: str | None = None, *, create_parent: bool = True) -> str:
+    """An SQLAlchemy URL; a bare path means an SQLite file at that path (whose folder is created
+    unless ``create_parent`` is false, as for read-only use)."""
     value = explicit or os.environ.get("NORMBENCH_DB") or str(default_db_path())
     if "://" in value:
         return value
     path = Path(value).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"

@@ -9,6 +9,7 @@ Only finished runs give numbers; failed, diverged and interrupted runs are count
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pandas as pd
 from sqlalchemy import Engine, func, select
@@ -25,12 +26,34 @@ SUMMARY_METRICS = (
 )  # fmt: skip
 
 
-def _finished_runs(suite: str, budget: str) -> tuple:
-    """The filter every number on the leaderboard shares: finished runs of one suite and budget."""
-    return (Run.suite == suite, Run.budget == budget, Run.status == RunStatus.finished)
+@dataclass(frozen=True)
+class Selection:
+    """Which runs a leaderboard covers: one suite and budget, optionally only some datasets,
+    models and optimizers (empty means all)."""
+
+    suite: str
+    budget: str
+    datasets: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    optimizers: tuple[str, ...] = ()
+
+    def runs(self) -> tuple:
+        clauses = [Run.suite == self.suite, Run.budget == self.budget]
+        for column, values in (
+            (Run.dataset, self.datasets),
+            (Run.model, self.models),
+            (Run.optimizer, self.optimizers),
+        ):
+            if values:
+                clauses.append(column.in_(values))
+        return tuple(clauses)
+
+    def finished_runs(self) -> tuple:
+        """The filter every number on the leaderboard shares: finished runs only."""
+        return (*self.runs(), Run.status == RunStatus.finished)
 
 
-def _metric_stats(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
+def _metric_stats(engine: Engine, sel: Selection) -> pd.DataFrame:
     query = (
         select(
             Run.norm,
@@ -42,7 +65,7 @@ def _metric_stats(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
         )
         .join(Metric, Metric.run_id == Run.id)
         .where(
-            *_finished_runs(suite, budget),
+            *sel.finished_runs(),
             Metric.name.in_(SUMMARY_METRICS),
             Metric.corruption == "",
             Metric.severity == 0,
@@ -56,12 +79,12 @@ def _metric_stats(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
         )
 
 
-def _throughput_ratios(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
+def _throughput_ratios(engine: Engine, sel: Selection) -> pd.DataFrame:
     query = (
         select(Run.norm, Run.optimizer, Run.device, func.avg(Metric.value).label("rate"))
         .join(Metric, Metric.run_id == Run.id)
         .where(
-            *_finished_runs(suite, budget),
+            *sel.finished_runs(),
             Metric.name == M.TRAIN_THROUGHPUT,
         )
         .group_by(Run.norm, Run.optimizer, Run.device)
@@ -76,13 +99,13 @@ def _throughput_ratios(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
     return df.groupby(["norm", "optimizer"], as_index=False).throughput_ratio.mean()
 
 
-def _worst_corruptions(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
+def _worst_corruptions(engine: Engine, sel: Selection) -> pd.DataFrame:
     """Per pair, the benchmark corruption with the lowest accuracy (mean over severities, seeds)."""
     query = (
         select(Run.norm, Run.optimizer, Metric.corruption, func.avg(Metric.value))
         .join(Metric, Metric.run_id == Run.id)
         .where(
-            *_finished_runs(suite, budget),
+            *sel.finished_runs(),
             Metric.name == M.ACCURACY,
             Metric.corruption.in_(BENCHMARK),
             Metric.severity == 0,
@@ -100,10 +123,10 @@ def _worst_corruptions(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
     return df.loc[lowest].reset_index(drop=True)
 
 
-def _status_counts(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
+def _status_counts(engine: Engine, sel: Selection) -> pd.DataFrame:
     query = (
         select(Run.norm, Run.optimizer, Run.status, func.count(Run.id))
-        .where(Run.suite == suite, Run.budget == budget)
+        .where(*sel.runs())
         .group_by(Run.norm, Run.optimizer, Run.status)
     )
     order = list(RunStatus)
@@ -123,13 +146,23 @@ def _status_counts(engine: Engine, suite: str, budget: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["norm", "optimizer", "runs", "status"])
 
 
-def leaderboard(engine: Engine, suite: str, budget: str, rank_by: str = M.ACCURACY) -> pd.DataFrame:
+def leaderboard(
+    engine: Engine,
+    suite: str,
+    budget: str,
+    rank_by: str = M.ACCURACY,
+    *,
+    datasets: tuple[str, ...] = (),
+    models: tuple[str, ...] = (),
+    optimizers: tuple[str, ...] = (),
+) -> pd.DataFrame:
     """One row per norm x optimizer: ``<metric>_mean``/``_std`` for the summary metrics, ``n``
     (finished seeds), ``throughput_ratio``, ``runs``, ``status`` and ``rank`` (by ``rank_by``)."""
-    counts = _status_counts(engine, suite, budget)
+    sel = Selection(suite, budget, tuple(datasets), tuple(models), tuple(optimizers))
+    counts = _status_counts(engine, sel)
     if counts.empty:
         return pd.DataFrame()
-    stats = _metric_stats(engine, suite, budget)
+    stats = _metric_stats(engine, sel)
     table = counts
     if not stats.empty:
         var = (stats.mean_sq - stats["mean"] ** 2).clip(lower=0) * stats.n / (stats.n - 1)
@@ -144,7 +177,7 @@ def leaderboard(engine: Engine, suite: str, budget: str, rank_by: str = M.ACCURA
         table = counts.merge(wide.reset_index(), on=["norm", "optimizer"], how="left")
         table = table.merge(n, on=["norm", "optimizer"], how="left")
         for extra in (_throughput_ratios, _worst_corruptions):
-            found = extra(engine, suite, budget)
+            found = extra(engine, sel)
             if not found.empty:
                 table = table.merge(found, on=["norm", "optimizer"], how="left")
     for column in (f"{rank_by}_mean", "n", "throughput_ratio"):

@@ -55,6 +55,26 @@ def cifar_dir(monkeypatch) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def cifar_c_smoke_db(tmp_path_factory, session_cache) -> Path:
+    """A results database written by a real ``cifar-c`` smoke run of batchnorm and layernorm with
+    SGD, made once per session and shared read-only by the tests that inspect one."""
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("real CIFAR-10 mirror not found: set NORMBENCH_TEST_DATA_DIR")
+    from helpers import invoke
+
+    db = tmp_path_factory.mktemp("cifar-c-smoke") / "results.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NORMBENCH_CACHE_DIR", str(session_cache))
+        result = invoke(
+            "run", "--suite=cifar-c", "--budget=smoke", "--norms=batchnorm,layernorm",
+            "--optimizers=sgd", f"--db={db}", f"--data-dir={data}",
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return db
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for modules of small batched ops: a second thread only adds

@@ -1,0 +1,97 @@
+"""What every dashboard page shares: the database URL, the cached read-only queries and the
+sidebar selection (suite, budget, dataset, model, optimizer)."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import data as D
+from normbench import config
+from normbench.leaderboard import Selection
+
+#: Seconds a query result is reused; a running suite shows up on the next refresh after this.
+CACHE_SECONDS = 30
+
+
+def db_url() -> str:
+    """``NORMBENCH_DB`` (set by ``normbench dashboard --db``) or the default results database."""
+    return config.db_url(os.environ.get("NORMBENCH_DB"), create_parent=False)
+
+
+@st.cache_resource(show_spinner=False)
+def engine(url: str):
+    return D.readonly_engine(url)
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def state(url: str) -> tuple[D.DatabaseState, str]:
+    return D.database_state(engine(url))
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def choices(url: str) -> pd.DataFrame:
+    return D.choices(engine(url))
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner="Ranking...")
+def leaderboard(url: str, sel: Selection, ranking: str) -> pd.DataFrame:
+    return D.leaderboard_view(engine(url), sel, ranking)
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def corruption_accuracy(url: str, sel: Selection) -> pd.DataFrame:
+    return D.corruption_accuracy(engine(url), sel)
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def runs(url: str, norm: str | None = None, sel: Selection | None = None) -> pd.DataFrame:
+    return D.runs(engine(url), norm=norm, sel=sel)
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def norms(url: str) -> list[str]:
+    return D.norms(engine(url))
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def run_detail(url: str, run_id: int) -> D.RunDetail | None:
+    return D.run_detail(engine(url), run_id)
+
+
+def sidebar_selection(url: str) -> Selection:
+    """The sidebar filters; every page reads the same selection."""
+    options = choices(url)
+    st.sidebar.header("Results")
+    suites = sorted(options.suite.unique())
+    default = suites.index("cifar-c") if "cifar-c" in suites else 0
+    suite = st.sidebar.selectbox("Suite", suites, index=default, key="suite")
+    options = options[options.suite == suite]
+    budgets = sorted(options.budget.unique())
+    budget = st.sidebar.selectbox("Budget", budgets, key="budget")
+    options = options[options.budget == budget]
+
+    def narrow(label: str, column: str) -> tuple[str, ...]:
+        values = sorted(options[column].unique())
+        picked = st.sidebar.multiselect(label, values, key=column, placeholder="all")
+        return tuple(picked)
+
+    sel = Selection(
+        suite,
+        budget,
+        datasets=narrow("Dataset", "dataset"),
+        models=narrow("Model", "model"),
+        optimizers=narrow("Optimizer", "optimizer"),
+    )
+    st.session_state["selection"] = sel
+    return sel
+
+
+def selection() -> Selection:
+    return st.session_state["selection"]
+
+
+def pair_label(df: pd.DataFrame) -> pd.Series:
+    return df.norm + " + " + df.optimizer

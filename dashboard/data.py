@@ -1,0 +1,315 @@
+"""The dashboard's data access: one read-only engine per database, and SQL-aggregated queries.
+
+Nothing here writes. SQLite files are opened through a read-only URI (``mode=ro``) with
+``PRAGMA query_only`` on every connection as a second lock; other databases (PostgreSQL) get
+read-only transactions where the driver supports it. The schema is never created or migrated from
+here: a database that is missing, empty or at another schema revision is reported as such
+(:func:`database_state`) so the app can say what to do.
+
+The functions take an ``Engine`` and return pandas frames; the app wraps them in Streamlit's
+cache. Leaderboard numbers come from :func:`normbench.leaderboard.leaderboard`, which aggregates
+in SQL.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from normbench import metrics as M
+from normbench.corruptions import BENCHMARK, EXTRA, FAMILIES
+from normbench.leaderboard import REFERENCE_NORM, Selection, leaderboard
+from normbench.robustness import CORRUPTION_ACCURACY, MCE, RELATIVE_MCE
+from normbench.store import schema_revisions
+from normbench.store.models import CurvePoint, Metric, Run
+
+#: The prefix of norms that came in through ``normbench submit``.
+SUBMISSION_PREFIX = "submission/"
+
+#: What the leaderboard can be ranked by: label -> (column, higher is better).
+RANKINGS: dict[str, tuple[str, bool]] = {
+    "clean accuracy": (f"{M.ACCURACY}_mean", True),
+    "mean corruption accuracy": (f"{CORRUPTION_ACCURACY}_mean", True),
+    "mCE": (f"{MCE}_mean", False),
+    "relative mCE": (f"{RELATIVE_MCE}_mean", False),
+    "training throughput vs BatchNorm": ("throughput_ratio", True),
+}
+_RANK_METRIC = {
+    "clean accuracy": M.ACCURACY,
+    "mean corruption accuracy": CORRUPTION_ACCURACY,
+    "mCE": MCE,
+    "relative mCE": RELATIVE_MCE,
+}
+
+
+class DatabaseState(enum.Enum):
+    missing = "missing"  # no such SQLite file, or the server cannot be reached
+    empty = "empty"  # reachable, but no normbench schema or no runs yet
+    outdated = "outdated"  # a schema revision other than this normbench's
+    ready = "ready"
+
+
+def readonly_engine(url: str) -> Engine:
+    """An engine that cannot write: SQLite through ``mode=ro`` + ``query_only``, other
+    backends with read-only transactions (PostgreSQL)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_readonly(Path(parsed.database or "").expanduser().resolve())
+    engine = create_engine(url, pool_pre_ping=True)
+    if parsed.get_backend_name() == "postgresql":
+
+        @event.listens_for(engine, "begin")
+        def _read_only(conn) -> None:
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+    return engine
+
+
+def _sqlite_readonly(path: Path) -> Engine:
+    # A WAL database on read-only storage cannot get its shared-memory file; SQLite then opens
+    # it only as immutable (no locking; fine for a file nobody can write either).
+    for params in ("mode=ro", "mode=ro&immutable=1"):
+        engine = create_engine(
+            f"sqlite:///file:{path}?{params}&uri=true", connect_args={"check_same_thread": False}
+        )
+        event.listen(engine, "connect", _query_only)
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT count(*) FROM sqlite_master")
+            return engine
+        except OperationalError:
+            engine.dispose()
+    return create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")  # reports why it fails
+
+
+def _query_only(dbapi_connection, _record) -> None:
+    dbapi_connection.execute("PRAGMA query_only = ON")
+
+
+def display_url(engine: Engine) -> str:
+    """The URL as the user gave it (a plain file path for SQLite)."""
+    if engine.url.get_backend_name() == "sqlite":
+        return (engine.url.database or "").removeprefix("file:")
+    return engine.url.render_as_string(hide_password=True)
+
+
+def database_state(engine: Engine) -> tuple[DatabaseState, str]:
+    """The state of the database and a sentence for the user."""
+    url = display_url(engine)
+    try:
+        with engine.connect() as conn:
+            tables = set(sa_inspect(conn).get_table_names())
+    except Exception as err:  # noqa: BLE001 - any driver error means "cannot open"
+        reason = str(getattr(err, "orig", err)).splitlines()[0]
+        return DatabaseState.missing, f"Cannot open the results database {url} ({reason})."
+    if "runs" not in tables:
+        return DatabaseState.empty, f"The results database {url} holds no normbench results yet."
+    current, head = schema_revisions(engine)
+    if current != head:
+        return DatabaseState.outdated, (
+            f"The results database {url} is at schema revision {current!r}; this dashboard reads "
+            f"{head!r}. Run `normbench db upgrade --db ...` (or use a matching normbench)."
+        )
+    with engine.connect() as conn:
+        if not conn.execute(select(func.count(Run.id))).scalar():
+            return DatabaseState.empty, f"The results database {url} has no runs yet."
+    return DatabaseState.ready, url
+
+
+def choices(engine: Engine) -> pd.DataFrame:
+    """Every (suite, budget, dataset, model, optimizer) with its number of runs."""
+    query = select(
+        Run.suite, Run.budget, Run.dataset, Run.model, Run.optimizer, func.count(Run.id)
+    ).group_by(Run.suite, Run.budget, Run.dataset, Run.model, Run.optimizer)
+    columns = ["suite", "budget", "dataset", "model", "optimizer", "runs"]
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(query).all(), columns=columns)
+
+
+def leaderboard_view(engine: Engine, sel: Selection, ranking: str) -> pd.DataFrame:
+    """The leaderboard rows of ``sel`` ranked by ``ranking`` (a key of :data:`RANKINGS`), with
+    ``submission`` (bool) and ``param_overhead`` (parameters relative to BatchNorm's, - 1)."""
+    column, higher_is_better = RANKINGS[ranking]
+    table = leaderboard(
+        engine,
+        sel.suite,
+        sel.budget,
+        rank_by=_RANK_METRIC.get(ranking, M.ACCURACY),
+        datasets=sel.datasets,
+        models=sel.models,
+        optimizers=sel.optimizers,
+    )
+    if table.empty:
+        return table
+    if column not in table:
+        table[column] = float("nan")
+    table = table.sort_values(column, ascending=not higher_is_better, na_position="last")
+    table["rank"] = pd.array(range(1, len(table) + 1), dtype="Int64")
+    table.loc[table[column].isna(), "rank"] = pd.NA
+    table["submission"] = table.norm.str.startswith(SUBMISSION_PREFIX)
+    params = f"{M.PARAM_COUNT}_mean"
+    if params in table:
+        reference = table.loc[table.norm == REFERENCE_NORM, params].mean()
+        table["param_overhead"] = table[params] / reference - 1
+    else:
+        table["param_overhead"] = float("nan")
+    return table.reset_index(drop=True)
+
+
+def corruption_accuracy(engine: Engine, sel: Selection) -> pd.DataFrame:
+    """Mean accuracy per (norm, optimizer, corruption, severity) over finished seeds; severity 0
+    is the mean over the five severities. Columns: norm, optimizer, corruption, family, severity,
+    accuracy, n."""
+    query = (
+        select(
+            Run.norm,
+            Run.optimizer,
+            Metric.corruption,
+            Metric.severity,
+            func.avg(Metric.value),
+            func.count(Metric.value),
+        )
+        .join(Metric, Metric.run_id == Run.id)
+        .where(
+            *sel.finished_runs(),
+            Metric.name == M.ACCURACY,
+            Metric.split == "test",
+            Metric.corruption.in_(BENCHMARK + EXTRA),
+        )
+        .group_by(Run.norm, Run.optimizer, Metric.corruption, Metric.severity)
+    )
+    columns = ["norm", "optimizer", "corruption", "severity", "accuracy", "n"]
+    with engine.connect() as conn:
+        df = pd.DataFrame(conn.execute(query).all(), columns=columns)
+    family = {c: f for f, names in FAMILIES.items() for c in names}
+    df.insert(3, "family", df.corruption.map(family).fillna("extra"))
+    return df
+
+
+def runs(engine: Engine, *, norm: str | None = None, sel: Selection | None = None) -> pd.DataFrame:
+    """Runs (newest first) of one norm and/or one selection, with their clean test accuracy."""
+    accuracy = (
+        select(Metric.run_id, Metric.value.label("accuracy"))
+        .where(
+            Metric.name == M.ACCURACY,
+            Metric.split == "test",
+            Metric.corruption == "",
+            Metric.severity == 0,
+        )
+        .subquery()
+    )
+    query = select(
+        Run.id,
+        Run.run_key,
+        Run.suite,
+        Run.budget,
+        Run.dataset,
+        Run.model,
+        Run.norm,
+        Run.optimizer,
+        Run.seed,
+        Run.status,
+        Run.epochs_done,
+        accuracy.c.accuracy,
+        Run.updated_at,
+    ).outerjoin(accuracy, accuracy.c.run_id == Run.id)
+    if norm is not None:
+        query = query.where(Run.norm == norm)
+    if sel is not None:
+        query = query.where(*sel.runs())
+    query = query.order_by(Run.updated_at.desc(), Run.id.desc())
+    columns = [
+        "id", "run_key", "suite", "budget", "dataset", "model", "norm", "optimizer", "seed",
+        "status", "epochs_done", "accuracy", "updated_at",
+    ]  # fmt: skip
+    with engine.connect() as conn:
+        df = pd.DataFrame(conn.execute(query).all(), columns=columns)
+    df["status"] = df.status.map(lambda s: s.value)
+    return df
+
+
+def norms(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.scalars(select(Run.norm).distinct().order_by(Run.norm)))
+
+
+@dataclass(frozen=True)
+class RunDetail:
+    run: dict
+    metrics: pd.DataFrame  # name, split, corruption, severity, value
+    curves: pd.DataFrame  # epoch, name, value
+
+
+def run_detail(engine: Engine, run_id: int) -> RunDetail | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(Run.__table__).where(Run.id == run_id)).mappings().first()
+        if row is None:
+            return None
+        metric_rows = conn.execute(
+            select(Metric.name, Metric.split, Metric.corruption, Metric.severity, Metric.value)
+            .where(Metric.run_id == run_id)
+            .order_by(Metric.name, Metric.corruption, Metric.severity)
+        ).all()
+        curve_rows = conn.execute(
+            select(CurvePoint.epoch, CurvePoint.name, CurvePoint.value)
+            .where(CurvePoint.run_id == run_id)
+            .order_by(CurvePoint.name, CurvePoint.epoch)
+        ).all()
+    run = dict(row)
+    run["status"] = getattr(run["status"], "value", run["status"])
+    return RunDetail(
+        run,
+        pd.DataFrame(metric_rows, columns=["name", "split", "corruption", "severity", "value"]),
+        pd.DataFrame(curve_rows, columns=["epoch", "name", "value"]),
+    )
+
+
+@dataclass(frozen=True)
+class NormInfo:
+    name: str
+    registered: bool
+    description: str = ""
+    family: str = ""
+    capabilities: tuple[str, ...] = ()
+    source: str = ""
+    source_sha256: str = ""
+
+
+def norm_info(name: str) -> NormInfo:
+    """What the installed registry knows about a norm: description, family, capability flags
+    and the source of the class that implements it, with its SHA-256."""
+    from normbench.norms import NORMS
+
+    if name not in NORMS.names():
+        return NormInfo(name, registered=False)
+    entry = NORMS.get(name)
+    try:
+        source = inspect.getsource(entry.obj)
+    except (OSError, TypeError):
+        source = ""
+    digest = hashlib.sha256(source.encode()).hexdigest() if source else ""
+    info = entry.info
+    return NormInfo(
+        name, True, info.description, info.family, tuple(sorted(info.capabilities)), source, digest
+    )
+
+
+def pareto_front(df: pd.DataFrame, x: str, y: str) -> pd.Series:
+    """Rows not dominated in (higher ``x``, higher ``y``): no other row is at least as good in
+    both and better in one. NaN rows are never on the front."""
+    valid = df[[x, y]].dropna()
+    front = pd.Series(False, index=df.index)
+    for i, (xi, yi) in valid.iterrows():
+        at_least = (valid[x] >= xi) & (valid[y] >= yi)
+        dominated = (at_least & ((valid[x] > xi) | (valid[y] > yi))).any()
+        front[i] = not dominated
+    return front

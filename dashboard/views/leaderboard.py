@@ -1,0 +1,85 @@
+"""Leaderboard: norm x optimizer pairs ranked by a chosen metric, mean ± std over seeds."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import common
+from dashboard.data import RANKINGS
+
+MEDALS = {1: "🥇", 2: "🥈", 3: "🥉"}
+
+url, sel = common.db_url(), common.selection()
+st.title("Leaderboard")
+st.caption(f"Suite **{sel.suite}**, budget **{sel.budget}**: finished runs, mean ± std over seeds.")
+
+rankings = list(RANKINGS)
+robust = not common.corruption_accuracy(url, sel).empty
+ranking = st.selectbox(
+    "Rank by", rankings, index=1 if robust else 0, key="ranking",
+    help="mCE and relative mCE: lower is better (100 = the suite's reference pair).",
+)  # fmt: skip
+table = common.leaderboard(url, sel, ranking)
+if table.empty:
+    st.info("No runs match these filters. Widen them in the sidebar.")
+    st.stop()
+
+
+def mean_std(metric: str, scale: float = 100.0, digits: int = 2) -> pd.Series:
+    mean = table.get(f"{metric}_mean", pd.Series(float("nan"), index=table.index)) * scale
+    std = table.get(f"{metric}_std", pd.Series(float("nan"), index=table.index)) * scale
+    return pd.Series(
+        [
+            "-" if pd.isna(m) else f"{m:.{digits}f}" + ("" if pd.isna(s) else f" ± {s:.{digits}f}")
+            for m, s in zip(mean, std, strict=True)
+        ],
+        index=table.index,
+    )
+
+
+ranked = table[table["rank"].notna()]
+podium = [
+    f"{MEDALS[int(r['rank'])]} **{r['norm']}** + {r['optimizer']}"
+    for _, r in ranked.head(3).iterrows()
+]
+if podium:
+    st.markdown(" &nbsp; ".join(podium))
+
+view = pd.DataFrame(
+    {
+        "rank": [MEDALS.get(int(r), str(int(r))) if pd.notna(r) else "-" for r in table["rank"]],
+        "norm": table.norm + table.submission.map({True: " (submission)", False: ""}),
+        "optimizer": table.optimizer,
+        "clean acc %": mean_std("accuracy"),
+    }
+)
+if robust:
+    view["corruption acc %"] = mean_std("corruption_accuracy")
+    view["mCE"] = table.get("mce_mean")
+    view["rel. mCE"] = table.get("relative_mce_mean")
+    view["worst corruption"] = table.get("worst_corruption")
+view["speed vs BN"] = table.throughput_ratio
+view["params vs BN"] = table.param_overhead
+view["seeds"] = table.n
+view["runs"] = table.status
+st.dataframe(
+    view,
+    hide_index=True,
+    width="stretch",
+    column_config={
+        "mCE": st.column_config.NumberColumn(format="%.1f"),
+        "rel. mCE": st.column_config.NumberColumn(format="%.1f"),
+        "speed vs BN": st.column_config.NumberColumn(format="%.2fx"),
+        "params vs BN": st.column_config.NumberColumn(format="percent"),
+        "seeds": st.column_config.NumberColumn(help="finished seeds behind the mean"),
+    },
+)
+st.download_button(
+    "Download CSV",
+    table.to_csv(index=False).encode(),
+    file_name=f"normbench-{sel.suite}-{sel.budget}.csv",
+    mime="text/csv",
+)
+if table.submission.any():
+    st.caption("(submission): added with `normbench submit`; its source is on the Norm page.")

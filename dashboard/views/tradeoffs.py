@@ -1,0 +1,81 @@
+"""Trade-offs: clean vs corruption accuracy, accuracy vs speed (Pareto front), accuracy vs
+parameter overhead."""
+
+from __future__ import annotations
+
+import altair as alt
+import streamlit as st
+
+from dashboard import common
+from dashboard.data import pareto_front
+
+url, sel = common.db_url(), common.selection()
+st.title("Trade-offs")
+table = common.leaderboard(url, sel, "clean accuracy")
+if table.empty:
+    st.info("No runs match these filters. Widen them in the sidebar.")
+    st.stop()
+table["pair"] = common.pair_label(table)
+table["clean acc %"] = 100 * table.accuracy_mean
+tooltip = ["pair", alt.Tooltip("clean acc %:Q", format=".2f")]
+
+
+def scatter(data, x: str, y: str, x_title: str, extra_tooltip=(), **encode):
+    return (
+        alt.Chart(data)
+        .mark_circle(size=120)
+        .encode(
+            x=alt.X(x, title=x_title, scale=alt.Scale(zero=False)),
+            y=alt.Y(y, title="clean accuracy %", scale=alt.Scale(zero=False)),
+            tooltip=[*tooltip, *extra_tooltip],
+            **encode,
+        )
+    )
+
+
+if "corruption_accuracy_mean" in table and table.corruption_accuracy_mean.notna().any():
+    st.subheader("Clean vs corruption accuracy")
+    table["corruption acc %"] = 100 * table.corruption_accuracy_mean
+    st.altair_chart(
+        scatter(
+            table,
+            "corruption acc %:Q",
+            "clean acc %:Q",
+            "mean corruption accuracy %",
+            [alt.Tooltip("corruption acc %:Q", format=".2f")],
+            color="optimizer:N",
+        ),  # fmt: skip
+        width="stretch",
+    )
+
+st.subheader("Accuracy vs training speed")
+st.caption(
+    "Speed: training images/s relative to BatchNorm with the same optimizer and device. "
+    "The Pareto front (nothing is both faster and more accurate) is joined by a line."
+)
+table["pareto"] = pareto_front(table, "throughput_ratio", "clean acc %")
+points = scatter(
+    table, "throughput_ratio:Q", "clean acc %:Q", "training throughput vs BatchNorm",
+    [alt.Tooltip("throughput_ratio:Q", format=".2f")],
+    color=alt.Color("pareto:N", title="Pareto front", scale=alt.Scale(range=["#bbb", "#d62728"])),
+)  # fmt: skip
+front = (
+    alt.Chart(table[table.pareto].sort_values("throughput_ratio"))
+    .mark_line(color="#d62728")
+    .encode(x="throughput_ratio:Q", y="clean acc %:Q")
+)
+st.altair_chart(points + front, width="stretch")
+
+st.subheader("Accuracy vs parameter overhead")
+table["params vs BN %"] = 100 * table.param_overhead
+st.altair_chart(
+    scatter(
+        table,
+        "params vs BN %:Q",
+        "clean acc %:Q",
+        "parameters vs BatchNorm (%)",
+        [alt.Tooltip("params vs BN %:Q", format=".2f")],
+        color="optimizer:N",
+    ),  # fmt: skip
+    width="stretch",
+)

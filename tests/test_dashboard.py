@@ -1,0 +1,208 @@
+"""The Streamlit dashboard, page by page (``AppTest``), on a database written by real smoke runs:
+a cifar-c run of two norms, and a cifar10 run whose learning rate makes it diverge."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import REPO, shared_data_dir
+from helpers import invoke
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from streamlit.testing.v1 import AppTest
+
+from dashboard.data import DatabaseState, database_state, pareto_front, readonly_engine
+
+APP = str(REPO / "dashboard" / "app.py")
+DIVERGING_SUITE = """
+name = "diverge"
+description = "cifar10 smoke with a learning rate that blows up"
+protocol_version = 1
+task = "classify"
+dataset = "cifar10"
+norms = ["none"]
+optimizers = ["sgd"]
+seeds = [0]
+reference = { norm = "none", optimizer = "sgd" }
+
+[budgets.smoke]
+model = "fastnet"
+model_args = { widths = [8, 8, 8, 8] }
+epochs = 1
+batch_size = 128
+train_subset = 512
+test_subset = 256
+precision = "fp32"
+optimizers.sgd = { lr = 1e12, momentum = 0.9 }
+"""
+
+
+@pytest.fixture(scope="module")
+def results_db(cifar_c_smoke_db, tmp_path_factory, session_cache) -> Path:
+    """The shared cifar-c smoke database plus a real diverged cifar10-style run."""
+    db = tmp_path_factory.mktemp("dashboard") / "results.db"
+    copy_db(cifar_c_smoke_db, db)
+    suite = db.parent / "diverge.toml"
+    suite.write_text(DIVERGING_SUITE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NORMBENCH_CACHE_DIR", str(session_cache))
+        result = invoke(
+            "run", f"--suite={suite}", "--budget=smoke", f"--db={db}",
+            f"--data-dir={shared_data_dir()}",
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return db
+
+
+def copy_db(source: Path, target: Path) -> None:
+    """Copy an SQLite database with its write-ahead log (a file copy would miss the WAL)."""
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+    sqlite3.connect(target).execute("PRAGMA journal_mode=DELETE").connection.close()
+
+
+def app(monkeypatch, db: Path | str) -> AppTest:
+    monkeypatch.setenv("NORMBENCH_DB", str(db))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def open_page(at: AppTest, page: str) -> AppTest:
+    at.switch_page(f"views/{page}.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def markdown(at: AppTest) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+@pytest.mark.parametrize("kind", ["missing file", "schema without runs"])
+def test_empty_database_is_a_friendly_page(monkeypatch, tmp_path, kind):
+    db = tmp_path / "none.db"
+    if kind == "schema without runs":
+        from normbench.store import open_store
+
+        open_store(f"sqlite:///{db}")
+    at = app(monkeypatch, db)
+    assert at.title[0].value == "normbench leaderboard"
+    assert at.info and ("no runs" in at.info[0].value or "Cannot open" in at.info[0].value)
+    assert "normbench run --suite cifar-c" in markdown(at)
+    assert not db.exists() or kind != "missing file"  # reading never creates the file
+
+
+def test_leaderboard_page_ranks_filters_and_exports(monkeypatch, results_db):
+    at = app(monkeypatch, results_db)
+    assert at.title[0].value == "Leaderboard"
+    assert at.selectbox(key="suite").value == "cifar-c"
+    assert at.selectbox(key="ranking").value == "mean corruption accuracy"
+    table = at.dataframe[0].value
+    assert set(table.norm) == {"batchnorm", "layernorm"}
+    assert list(table["rank"]) == ["🥇", "🥈"]
+    assert "🥇 **" in markdown(at)
+    assert set(table.seeds) == {1}
+    corruption = [float(v) for v in table["corruption acc %"]]
+    assert corruption == sorted(corruption, reverse=True)
+    assert at.get("download_button")
+
+    at.selectbox(key="ranking").set_value("clean accuracy").run()
+    clean = [float(v) for v in at.dataframe[0].value["clean acc %"]]
+    assert clean == sorted(clean, reverse=True)
+
+    assert at.multiselect(key="optimizer").options == ["sgd"]  # what the suite has
+    at.multiselect(key="optimizer").set_value(["sgd"]).run()
+    assert len(at.dataframe[0].value) == 2
+
+    at.selectbox(key="suite").set_value("diverge").run()
+    table = at.dataframe[0].value
+    assert list(table.norm) == ["none"] and list(table["rank"]) == ["-"]
+    assert "diverged" in table.runs[0]
+
+
+def test_robustness_page(monkeypatch, results_db):
+    at = open_page(app(monkeypatch, results_db), "robustness")
+    assert at.title[0].value == "Robustness"
+    assert len(at.get("vega_lite_chart")) == 2  # heat map and severity curves
+    worst = at.dataframe[0].value
+    assert sorted(worst.pair) == ["batchnorm + sgd", "layernorm + sgd"]
+    at.selectbox(key="severity_corruption").set_value("gaussian_noise").run()
+    assert not at.exception
+
+    at.selectbox(key="suite").set_value("diverge").run()
+    assert "no corruption results" in at.info[0].value
+
+
+def test_tradeoffs_page(monkeypatch, results_db):
+    at = open_page(app(monkeypatch, results_db), "tradeoffs")
+    assert [s.value for s in at.subheader] == [
+        "Clean vs corruption accuracy",
+        "Accuracy vs training speed",
+        "Accuracy vs parameter overhead",
+    ]
+    assert len(at.get("vega_lite_chart")) == 3
+
+
+def test_norm_page_shows_registry_facts_and_runs(monkeypatch, results_db):
+    at = app(monkeypatch, results_db)
+    at.query_params["norm"] = "batchnorm"
+    at = open_page(at, "norm")
+    assert at.title[0].value == "batchnorm"
+    facts = markdown(at)
+    assert "uses batch statistics**: yes" in facts and "source SHA-256" in facts
+    assert at.dataframe[0].value.suite.tolist() == ["cifar-c"]
+    at.selectbox(key="norm_page").set_value("layernorm").run()
+    assert at.title[0].value == "layernorm" and "uses batch statistics**: no" in markdown(at)
+
+
+def test_run_page_shows_curves_config_and_the_reason_of_a_divergence(monkeypatch, results_db):
+    at = open_page(app(monkeypatch, results_db), "run")
+    assert at.success and "finished" in at.success[0].value
+    assert at.get("vega_lite_chart")  # training curves
+    assert len(at.json) == 2  # config and provenance
+
+    at.selectbox(key="suite").set_value("diverge").run()
+    assert at.error and "diverged at step" in at.error[0].value
+
+
+def test_dashboard_never_writes(monkeypatch, results_db, tmp_path):
+    db = tmp_path / "readonly.db"
+    copy_db(results_db, db)
+    db.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    before = hashlib.sha256(db.read_bytes()).hexdigest(), os.stat(db).st_mtime_ns
+    at = app(monkeypatch, db)
+    for page in ("robustness", "tradeoffs", "norm", "run"):
+        open_page(at, page)
+    assert (hashlib.sha256(db.read_bytes()).hexdigest(), os.stat(db).st_mtime_ns) == before
+
+    engine = readonly_engine(f"sqlite:///{db}")
+    assert database_state(engine)[0] is DatabaseState.ready
+    with engine.connect() as conn, pytest.raises(OperationalError, match="readonly"):
+        conn.execute(text("DELETE FROM metrics"))
+
+
+def test_pareto_front():
+    import pandas as pd
+
+    df = pd.DataFrame({"speed": [1.0, 0.5, 1.2, 0.9, None], "acc": [0.9, 0.95, 0.8, 0.85, 1.0]})
+    assert pareto_front(df, "speed", "acc").tolist() == [True, True, True, False, False]
+
+
+def test_dashboard_command_checks_its_arguments(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("localhost", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = invoke("dashboard", f"--db={tmp_path / 'x.db'}", f"--port={port}")
+    assert result.exit_code == 2 and "choose another --port" in result.output
+    result = invoke("dashboard", "--db=nosuchdriver://x")
+    assert result.exit_code == 2 and "Cannot use the database URL" in result.output
