@@ -15,7 +15,9 @@ from dashboard.data import DatabaseState
 
 VIEWS = Path(__file__).parent / "views"
 
-st.set_page_config(page_title="normbench leaderboard", page_icon="📊", layout="wide")
+st.set_page_config(
+    page_title="normbench leaderboard", page_icon=":material/leaderboard:", layout="wide"
+)
 
 url = common.db_url()
 db_state, message = common.state(url)
@@ -40,10 +42,10 @@ common.sidebar_selection(url)
 st.sidebar.caption(f"Database: `{message}`")
 
 pages = [
-    st.Page(VIEWS / "leaderboard.py", title="Leaderboard", icon="🏆", default=True),
-    st.Page(VIEWS / "robustness.py", title="Robustness", icon="🌫️"),
-    st.Page(VIEWS / "tradeoffs.py", title="Trade-offs", icon="⚖️"),
-    st.Page(VIEWS / "norm.py", title="Norm", icon="🧪"),
-    st.Page(VIEWS / "run.py", title="Run", icon="📈"),
+    st.Page(VIEWS / "leaderboard.py", title="Leaderboard", icon=":material/trophy:", default=True),
+    st.Page(VIEWS / "robustness.py", title="Robustness", icon=":material/foggy:"),
+    st.Page(VIEWS / "tradeoffs.py", title="Trade-offs", icon=":material/balance:"),
+    st.Page(VIEWS / "norm.py", title="Norm", icon=":material/science:"),
+    st.Page(VIEWS / "run.py", title="Run", icon=":material/show_chart:"),
 ]
 st.navigation(pages).run()

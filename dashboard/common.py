@@ -47,6 +47,11 @@ def corruption_accuracy(url: str, sel: Selection) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def has_corruption_results(url: str, sel: Selection) -> bool:
+    return D.has_corruption_results(engine(url), sel)
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
 def runs(url: str, norm: str | None = None, sel: Selection | None = None) -> pd.DataFrame:
     return D.runs(engine(url), norm=norm, sel=sel)
 

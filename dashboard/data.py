@@ -195,6 +195,18 @@ def corruption_accuracy(engine: Engine, sel: Selection) -> pd.DataFrame:
     return df
 
 
+def has_corruption_results(engine: Engine, sel: Selection) -> bool:
+    """Whether any finished run of ``sel`` has per-corruption accuracies."""
+    query = (
+        select(Metric.id)
+        .join(Run, Metric.run_id == Run.id)
+        .where(*sel.finished_runs(), Metric.name == CORRUPTION_ACCURACY)
+        .limit(1)
+    )
+    with engine.connect() as conn:
+        return conn.execute(query).first() is not None
+
+
 def runs(engine: Engine, *, norm: str | None = None, sel: Selection | None = None) -> pd.DataFrame:
     """Runs (newest first) of one norm and/or one selection, with their clean test accuracy."""
     accuracy = (

@@ -323,6 +323,7 @@ def dashboard(
         sys.executable, "-m", "streamlit", "run", str(app_path),
         "--server.port", str(port), "--server.address", address, "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+        "--client.toolbarMode", "viewer",
     ]  # fmt: skip
     err.print(f"Dashboard on http://{address}:{port} for {url} (Ctrl-C stops it)")
     env = {**os.environ, "NORMBENCH_DB": url}

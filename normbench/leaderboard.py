@@ -107,6 +107,7 @@ def _worst_corruptions(engine: Engine, sel: Selection) -> pd.DataFrame:
         .where(
             *sel.finished_runs(),
             Metric.name == M.ACCURACY,
+            Metric.split == "test",
             Metric.corruption.in_(BENCHMARK),
             Metric.severity == 0,
         )

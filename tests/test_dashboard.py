@@ -106,7 +106,7 @@ def test_leaderboard_page_ranks_filters_and_exports(monkeypatch, results_db):
     assert at.selectbox(key="ranking").value == "mean corruption accuracy"
     table = at.dataframe[0].value
     assert set(table.norm) == {"batchnorm", "layernorm"}
-    assert list(table["rank"]) == ["🥇", "🥈"]
+    assert list(table["rank"]) == ["1 🥇", "2 🥈"]
     assert "🥇 **" in markdown(at)
     assert set(table.seeds) == {1}
     corruption = [float(v) for v in table["corruption acc %"]]
@@ -206,3 +206,64 @@ def test_dashboard_command_checks_its_arguments(tmp_path):
     assert result.exit_code == 2 and "choose another --port" in result.output
     result = invoke("dashboard", "--db=nosuchdriver://x")
     assert result.exit_code == 2 and "Cannot use the database URL" in result.output
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, process, seconds: float = 90) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "normbench dashboard exited early"
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the dashboard did not answer at {url} within {seconds} s")
+
+
+def test_in_a_real_browser(results_db, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("no Chromium at /usr/bin/chromium (apt-get install chromium chromium-driver)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    import subprocess
+    import sys
+
+    port = free_port()
+    url = f"http://localhost:{port}"
+    command = [sys.executable, "-m", "normbench.cli", "dashboard", f"--db={results_db}",
+               f"--port={port}"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(url, server)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            page.wait_for_selector('[data-testid="stDataFrame"]', timeout=90_000)
+            page.get_by_text("batchnorm").first.wait_for(state="visible", timeout=30_000)
+            shot = tmp_path / "leaderboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        assert shot.stat().st_size > 10_000
+        print(f"screenshot: {shot}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -29,7 +29,38 @@ def test_db_upgrade_command_is_idempotent(tmp_path):
     for _ in range(2):
         result = CliRunner().invoke(app, ["db", "upgrade", "--db", db])
         assert result.exit_code == 0, result.output
-        assert "schema revision 0001" in result.output
+        assert "schema revision 0002" in result.output
+
+
+def test_a_database_at_the_first_revision_is_upgraded_keeping_its_rows(tmp_path):
+    from alembic import command
+
+    from dashboard.data import DatabaseState, database_state, readonly_engine
+    from normbench.store import alembic_config, create_db_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_db_engine(url)
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text(
+            "INSERT INTO runs (id, run_key, suite, budget, protocol_version, task, dataset, model,"
+            " norm, optimizer, seed, status, epochs_done, config, provenance, created_at,"
+            " updated_at) VALUES (1, 'k', 's', 'smoke', 1, 'classify', 'cifar10', 'fastnet',"
+            " 'batchnorm', 'sgd', 0, 'finished', 1, '{}', '{}', '2026-01-01', '2026-01-01')"
+        ))  # fmt: skip
+        conn.execute(text("INSERT INTO metrics (run_id, name, split, corruption, severity, value)"
+                          " VALUES (1, 'accuracy', 'test', '', 0, 0.5)"))  # fmt: skip
+    state, message = database_state(readonly_engine(url))
+    assert state is DatabaseState.outdated and "normbench db upgrade" in message
+
+    store = open_store(url)
+    assert schema_revisions(store.engine)[0] == "0002"
+    indexes = {i["name"] for i in inspect(store.engine).get_indexes("metrics")}
+    assert "ix_metrics_values" in indexes and "ix_metrics_lookup" not in indexes
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT value FROM metrics")).scalar() == 0.5
 
 
 def test_database_from_a_newer_normbench_is_refused(tmp_path):

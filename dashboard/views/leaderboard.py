@@ -15,7 +15,7 @@ st.title("Leaderboard")
 st.caption(f"Suite **{sel.suite}**, budget **{sel.budget}**: finished runs, mean ± std over seeds.")
 
 rankings = list(RANKINGS)
-robust = not common.corruption_accuracy(url, sel).empty
+robust = common.has_corruption_results(url, sel)
 ranking = st.selectbox(
     "Rank by", rankings, index=1 if robust else 0, key="ranking",
     help="mCE and relative mCE: lower is better (100 = the suite's reference pair).",

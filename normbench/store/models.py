@@ -84,7 +84,7 @@ class Metric(Base):
 
     __table_args__ = (
         UniqueConstraint("run_id", "name", "split", "corruption", "severity", name="uq_metric_row"),
-        Index("ix_metrics_lookup", "name", "split", "corruption", "severity", "run_id"),
+        Index("ix_metrics_values", "name", "split", "corruption", "severity", "run_id", "value"),
     )
 
 
