@@ -100,3 +100,8 @@ def selection() -> Selection:
 
 def pair_label(df: pd.DataFrame) -> pd.Series:
     return df.norm + " + " + df.optimizer
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def norm_info(url: str, name: str) -> D.NormInfo:
+    return D.norm_info(name, engine(url))

@@ -13,6 +13,7 @@ in SQL.
 
 from __future__ import annotations
 
+import ast
 import enum
 import hashlib
 import inspect
@@ -30,7 +31,7 @@ from normbench.corruptions import BENCHMARK, EXTRA, FAMILIES
 from normbench.leaderboard import REFERENCE_NORM, Selection, leaderboard
 from normbench.robustness import CORRUPTION_ACCURACY, MCE, RELATIVE_MCE
 from normbench.store import schema_revisions
-from normbench.store.models import CurvePoint, Metric, Run
+from normbench.store.models import CurvePoint, Metric, Run, Submission
 
 #: The prefix of norms that came in through ``normbench submit``.
 SUBMISSION_PREFIX = "submission/"
@@ -296,9 +297,19 @@ class NormInfo:
     source_sha256: str = ""
 
 
-def norm_info(name: str) -> NormInfo:
-    """What the installed registry knows about a norm: description, family, capability flags
-    and the source of the class that implements it, with its SHA-256."""
+def norm_info(name: str, engine: Engine | None = None) -> NormInfo:
+    """What is known about a norm: for a submission, the recorded source (read, never run);
+    otherwise the installed registry's description, family, capability flags and the source of
+    the implementing class. Both with the source's SHA-256."""
+    if name.startswith(SUBMISSION_PREFIX) and engine is not None:
+        with engine.connect() as conn:
+            row = conn.execute(
+                select(Submission.source, Submission.source_sha256, Submission.class_name).where(
+                    Submission.name == name
+                )
+            ).first()
+        if row is not None:
+            return _submitted_info(name, *row)
     from normbench.norms import NORMS
 
     if name not in NORMS.names():
@@ -313,6 +324,30 @@ def norm_info(name: str) -> NormInfo:
     return NormInfo(
         name, True, info.description, info.family, tuple(sorted(info.capabilities)), source, digest
     )
+
+
+def _submitted_info(name: str, source: str, digest: str, class_name: str) -> NormInfo:
+    """Description, family and capabilities of a submitted class, from its syntax tree only."""
+    description, family, capabilities = "", "", ()
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        tree = ast.Module(body=[], type_ignores=[])
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            description = (ast.get_docstring(node) or "").strip().split("\n")[0]
+            for item in node.body:
+                if isinstance(item, ast.Assign) and len(item.targets) == 1:
+                    target = getattr(item.targets[0], "id", "")
+                    try:
+                        value = ast.literal_eval(item.value)
+                    except ValueError:
+                        continue
+                    if target == "family":
+                        family = str(value)
+                    elif target == "capabilities":
+                        capabilities = tuple(sorted(value))
+    return NormInfo(name, True, description, family, capabilities, source, digest)
 
 
 def pareto_front(df: pd.DataFrame, x: str, y: str) -> pd.Series:

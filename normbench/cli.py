@@ -109,17 +109,33 @@ def run(
     force: Annotated[bool, typer.Option(help="Re-run runs that already finished.")] = False,
 ) -> None:
     """Train and evaluate every norm x optimizer x seed of a suite and store the results."""
-    norm_list, opt_list, seed_list = _csv(norms), _csv(optimizers), _seeds(seeds)
+    _run_suite(suite, budget, _csv(norms), _csv(optimizers), _seeds(seeds), device, data_dir, db,
+               force)  # fmt: skip
+
+
+def _run_suite(
+    suite: str,
+    budget: Budget | None,
+    norm_list: list[str] | None,
+    opt_list: list[str] | None,
+    seed_list: list[int] | None,
+    device: str | None,
+    data_dir: str | None,
+    db: str | None,
+    force: bool,
+) -> None:
     from normbench.runtime import resolve_device
     from normbench.store import open_store
+    from normbench.submissions import register_recorded
     from normbench.suites import default_budget, load_suite, plan
     from runners.local import run_specs
 
     s = load_suite(suite)
     budget_name = budget.value if budget else default_budget()
+    store = open_store(config.db_url(db))
+    register_recorded(store)  # submitted norms can be named like any other
     specs = plan(s, budget_name, norms=norm_list, optimizers=opt_list, seeds=seed_list)
     dev = resolve_device(device)
-    store = open_store(config.db_url(db))
     err.print(
         f"{len(specs)} run(s) of suite [bold]{s.name}[/bold], budget [bold]{budget_name}"
         f"[/bold], on {dev}; results in {store.engine.url.render_as_string()}"
@@ -148,6 +164,73 @@ def run(
         + ", ".join(f"{n} {status}" for status, n in counts.items())
         + f". See `normbench leaderboard --suite {s.name} --budget {budget_name}`."
     )
+
+
+@app.command()
+@user_errors
+def check(
+    target: Annotated[str, typer.Argument(help="FILE:CLASS of a norm layer.")],
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds before the check is stopped.")
+    ] = 300,
+) -> None:
+    """Check a norm layer against the norm contract (in a separate process, time-limited)."""
+    from normbench.contract import run_contract
+
+    report = run_contract(target, timeout=timeout)
+    t = Table(title=f"norm contract: {target}")
+    t.add_column("check")
+    t.add_column("result")
+    for c in report.checks:
+        t.add_row(c.name, "[green]pass[/green]" if c.passed else f"[red]FAIL[/red] {c.message}")
+    if report.checks:
+        out.print(t)
+    if report.passed:
+        out.print(
+            f"Contract holds. Parameters vs BatchNorm: {report.param_overhead:+.1%}; forward + "
+            f"backward time vs BatchNorm: {report.time_ratio:.2f}x."
+        )
+        return
+    raise NormbenchError(f"{target} breaks the norm contract:\n  - " + "\n  - ".join(
+        report.failures()))  # fmt: skip
+
+
+@app.command()
+@user_errors
+def submit(
+    target: Annotated[str, typer.Argument(help="FILE:CLASS of the norm layer to submit.")],
+    name: Annotated[
+        str | None, typer.Option(help="Name on the leaderboard (default: the class name).")
+    ] = None,
+    suite: Annotated[str, typer.Option(help="Suite to run the norm in.")] = "cifar-c",
+    budget: Annotated[
+        Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")
+    ] = None,
+    optimizers: Annotated[
+        str | None, typer.Option(help="Comma-separated optimizers (default: the suite's).")
+    ] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    data_dir: DataDir = None,
+    db: Db = None,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds the contract check may take.")
+    ] = 300,
+) -> None:
+    """Check a norm layer, record it with its source and hash, and run a suite with it."""
+    from normbench.submissions import submit as record
+
+    opt_list, seed_list = _csv(optimizers), _seeds(seeds)
+    from normbench.suites import load_suite
+
+    load_suite(suite)  # a bad suite is reported before the norm is checked
+    registered, new = record(db, target, name, timeout)
+    if not new:
+        err.print(f"{target} is already submitted as [bold]{registered}[/bold] (same source); "
+                  "nothing to do.")  # fmt: skip
+        return
+    err.print(f"Contract holds; recorded as [bold]{registered}[/bold].")
+    _run_suite(suite, budget, [registered], opt_list, seed_list, device, data_dir, db, False)
 
 
 class ListKind(StrEnum):

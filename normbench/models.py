@@ -3,7 +3,10 @@
 A model never creates a normalization layer itself: it asks a *block factory* for every
 "convolution followed by normalization" pair. The default factory is a plain ``nn.Conv2d`` then the
 registered norm; normalizers that transform the convolution's weights (Weight Standardization) or
-replace the pair (ConvNorm) provide their own factory, so no model needs a special case for them.
+replace the pair (ConvNorm) own their convolution and build the whole pair through their
+``block()`` classmethod, so no model needs a special case for them. The one model-side change is
+SkipInit: a factory for a norm with the ``skipinit`` capability says so, and residual blocks then
+gate their residual branch with a learnable scalar initialised to 0.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench.norms import NormSpec, create_norm
+from normbench.errors import NormbenchError
+from normbench.norms import NORMS, OWNS_CONV, SKIPINIT, NormSpec, create_norm, norm_info
 from normbench.registry import Registry
 
 
@@ -34,22 +38,54 @@ class ConvThenNorm(nn.Sequential):
 
 
 def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
-    """The default block factory: ``nn.Conv2d`` (same padding) followed by ``create_norm(norm)``.
+    """The default block factory: ``nn.Conv2d`` (same padding) followed by ``create_norm(norm)``,
+    or the norm's own ``block()`` when it owns its convolution.
 
     A norm without any parameters cannot shift its output, so its convolution gets a bias; a norm
     with an affine shift makes a convolution bias redundant.
-    """
 
-    def make(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
-        norm_layer = create_norm(norm, out_channels, **norm_kwargs)
-        bias = next(norm_layer.parameters(), None) is None
-        conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=bias
-        )
-        return ConvThenNorm(OrderedDict(conv=conv, norm=norm_layer))
+    The factory carries ``norm_layer`` (torchvision's per-channel ``norm_layer(num_channels)``
+    argument), ``owns_conv``, ``skipinit`` and ``norm_name`` for the models that need them.
+    """
+    info = norm_info(norm)
+    target = norm.func if isinstance(norm, functools.partial) else norm
+    cls = NORMS.get(norm).obj if isinstance(norm, str) else target
+    owns_conv = info.has(OWNS_CONV) if info is not None else hasattr(cls, "block")
+    name = norm if isinstance(norm, str) else getattr(target, "__name__", repr(norm))
+
+    if owns_conv:
+        if isinstance(norm, functools.partial) and norm.args:
+            raise TypeError(f"give the options of {name} as keywords, not positional arguments")
+        options = dict(norm.keywords) if isinstance(norm, functools.partial) else {}
+        options.update(norm_kwargs)
+
+        def make(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
+            return cls.block(in_channels, out_channels, kernel_size, stride, **options)
+
+        def norm_layer(num_channels: int) -> nn.Module:
+            raise NormbenchError(
+                f"norm {name!r} owns its convolution, so it cannot follow a convolution that a "
+                "model builds itself; use a model built from the block factory (resnet20, "
+                "resnet56, fastnet)."
+            )
+
+    else:
+
+        def make(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
+            norm_layer = create_norm(norm, out_channels, **norm_kwargs)
+            bias = next(norm_layer.parameters(), None) is None
+            conv = nn.Conv2d(
+                in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=bias
+            )
+            return ConvThenNorm(OrderedDict(conv=conv, norm=norm_layer))
+
+        norm_layer = functools.partial(create_norm, norm, **norm_kwargs)
 
     # Builders that take torchvision's ``norm_layer(num_channels)`` argument use this.
-    make.norm_layer = functools.partial(create_norm, norm, **norm_kwargs)
+    make.norm_layer = norm_layer
+    make.owns_conv = owns_conv
+    make.skipinit = info is not None and info.has(SKIPINIT)
+    make.norm_name = name
     return make
 
 
@@ -66,13 +102,20 @@ def create_model(name: str, *, block: BlockFactory, num_classes: int, **kwargs: 
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-norm layers with an option-A (parameter-free) shortcut."""
+    """Two 3x3 conv-norm layers with an option-A (parameter-free) shortcut.
+
+    With a SkipInit factory the residual branch is multiplied by ``skip_gain``, a learnable scalar
+    initialised to 0 (De & Smith 2020), so every block starts as its shortcut.
+    """
 
     def __init__(self, block: BlockFactory, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         self.conv1 = block(in_channels, out_channels, 3, stride)
         self.conv2 = block(out_channels, out_channels, 3, 1)
         self.stride, self.extra_channels = stride, out_channels - in_channels
+        # 0-dim, so the weight-decay rule (tensors with fewer than 2 dims) never decays it.
+        skipinit = getattr(block, "skipinit", False)
+        self.skip_gain = nn.Parameter(torch.zeros(())) if skipinit else None
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         # Option A: subsample spatially and zero-pad the new channels, so shortcuts add no
@@ -86,6 +129,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv2(F.relu(self.conv1(x)))
+        if self.skip_gain is not None:
+            out = self.skip_gain * out
         return F.relu(out + self.shortcut(x))
 
 
@@ -188,6 +233,12 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def _torchvision_resnet(name: str, block: BlockFactory, num_classes: int) -> nn.Module:
+    if getattr(block, "owns_conv", False):
+        raise NormbenchError(
+            f"norm {getattr(block, 'norm_name', '?')!r} owns its convolution, but model {name!r} "
+            "builds its own convolutions (it is torchvision's) and only takes a per-channel norm "
+            "layer; use this norm with resnet20, resnet56 or fastnet."
+        )
     from torchvision import models as tv_models
 
     norm_layer = getattr(block, "norm_layer", None)

@@ -42,3 +42,33 @@ def cifar_test_images(data_dir: str, n: int) -> torch.Tensor:
     from normbench.data import load_cifar10
 
     return load_cifar10("test", data_dir).images[:n].contiguous()
+
+
+TINY_SUITE = """
+name = "{name}"
+description = "a seconds-long cifar10 suite for tests"
+protocol_version = 1
+task = "classify"
+dataset = "cifar10"
+norms = ["batchnorm"]
+optimizers = ["sgd"]
+seeds = [0]
+reference = {{ norm = "batchnorm", optimizer = "sgd" }}
+
+[budgets.smoke]
+model = "fastnet"
+model_args = {{ widths = [8, 8, 8, 8] }}
+epochs = 1
+batch_size = 128
+train_subset = 512
+test_subset = 256
+precision = "fp32"
+optimizers.sgd = {{ lr = {lr}, momentum = 0.9 }}
+"""
+
+
+def tiny_suite(folder, name: str = "tiny", lr: float = 0.2):
+    """A one-epoch, 512-image cifar10 suite file (``lr=1e12`` makes every run diverge)."""
+    path = folder / f"{name}.toml"
+    path.write_text(TINY_SUITE.format(name=name, lr=lr))
+    return path

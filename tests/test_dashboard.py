@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, shared_data_dir
-from helpers import invoke
+from helpers import invoke, tiny_suite
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from streamlit.testing.v1 import AppTest
@@ -19,27 +19,6 @@ from streamlit.testing.v1 import AppTest
 from dashboard.data import DatabaseState, database_state, pareto_front, readonly_engine
 
 APP = str(REPO / "dashboard" / "app.py")
-DIVERGING_SUITE = """
-name = "diverge"
-description = "cifar10 smoke with a learning rate that blows up"
-protocol_version = 1
-task = "classify"
-dataset = "cifar10"
-norms = ["none"]
-optimizers = ["sgd"]
-seeds = [0]
-reference = { norm = "none", optimizer = "sgd" }
-
-[budgets.smoke]
-model = "fastnet"
-model_args = { widths = [8, 8, 8, 8] }
-epochs = 1
-batch_size = 128
-train_subset = 512
-test_subset = 256
-precision = "fp32"
-optimizers.sgd = { lr = 1e12, momentum = 0.9 }
-"""
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +26,11 @@ def results_db(cifar_c_smoke_db, tmp_path_factory, session_cache) -> Path:
     """The shared cifar-c smoke database plus a real diverged cifar10-style run."""
     db = tmp_path_factory.mktemp("dashboard") / "results.db"
     copy_db(cifar_c_smoke_db, db)
-    suite = db.parent / "diverge.toml"
-    suite.write_text(DIVERGING_SUITE)
+    suite = tiny_suite(db.parent, name="diverge", lr=1e12)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NORMBENCH_CACHE_DIR", str(session_cache))
         result = invoke(
-            "run", f"--suite={suite}", "--budget=smoke", f"--db={db}",
+            "run", f"--suite={suite}", "--budget=smoke", f"--db={db}", "--norms=none",
             f"--data-dir={shared_data_dir()}",
         )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -29,7 +29,7 @@ def test_db_upgrade_command_is_idempotent(tmp_path):
     for _ in range(2):
         result = CliRunner().invoke(app, ["db", "upgrade", "--db", db])
         assert result.exit_code == 0, result.output
-        assert "schema revision 0002" in result.output
+        assert "schema revision 0003" in result.output
 
 
 def test_a_database_at_the_first_revision_is_upgraded_keeping_its_rows(tmp_path):
@@ -56,7 +56,7 @@ def test_a_database_at_the_first_revision_is_upgraded_keeping_its_rows(tmp_path)
     assert state is DatabaseState.outdated and "normbench db upgrade" in message
 
     store = open_store(url)
-    assert schema_revisions(store.engine)[0] == "0002"
+    assert schema_revisions(store.engine)[0] == "0003"
     indexes = {i["name"] for i in inspect(store.engine).get_indexes("metrics")}
     assert "ix_metrics_values" in indexes and "ix_metrics_lookup" not in indexes
     with store.engine.connect() as conn:

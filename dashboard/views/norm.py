@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import common
-from dashboard.data import SUBMISSION_PREFIX, norm_info
+from dashboard.data import SUBMISSION_PREFIX
 
 url = common.db_url()
 names = common.norms(url)
@@ -16,7 +16,7 @@ name = st.selectbox("Norm", names, index=index, key="norm_page")
 st.query_params["norm"] = name
 st.title(name)
 
-info = norm_info(name)
+info = common.norm_info(url, name)
 if info.registered:
     st.write(info.description)
     flags = ", ".join(info.capabilities) or "none"

@@ -23,9 +23,21 @@ from sqlalchemy.orm import Session
 
 from normbench.errors import NormbenchError
 from normbench.metrics import MetricRow
-from normbench.store.models import Base, CurvePoint, Metric, Run, RunStatus, utcnow
+from normbench.store.models import (
+    Base,
+    CurvePoint,
+    Metric,
+    NormSpeed,
+    Run,
+    RunStatus,
+    Submission,
+    utcnow,
+)
 
-__all__ = ["Base", "CurvePoint", "Metric", "Run", "RunStatus", "Store", "open_store"]
+__all__ = [
+    "Base", "CurvePoint", "Metric", "NormSpeed", "Run", "RunStatus", "Store", "Submission",
+    "open_store",
+]  # fmt: skip
 
 BUSY_TIMEOUT_MS = 30_000
 

@@ -98,3 +98,47 @@ class CurvePoint(Base):
     value: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (UniqueConstraint("run_id", "epoch", "name", name="uq_curve_point"),)
+
+
+class Submission(Base):
+    """A norm added with ``normbench submit``: its source text and contract report, so every run
+    of it can be reproduced. ``name`` is the registered name, ``submission/<base>/v<version>``."""
+
+    __tablename__ = "submissions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(160), unique=True)
+    base_name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int]
+    class_name: Mapped[str] = mapped_column(String(128))
+    file_name: Mapped[str] = mapped_column(String(256))
+    source: Mapped[str] = mapped_column(Text)
+    source_sha256: Mapped[str] = mapped_column(String(64))
+    contract: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("base_name", "version", name="uq_submission_version"),
+        UniqueConstraint("base_name", "source_sha256", name="uq_submission_source"),
+    )
+
+
+class NormSpeed(Base):
+    """Forward + backward throughput of a norm inside a fixed model, from ``normbench bench
+    norms``, with its ratio to BatchNorm measured in the same process."""
+
+    __tablename__ = "norm_speed"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    norm: Mapped[str] = mapped_column(String(160))
+    model: Mapped[str] = mapped_column(String(128))
+    batch_size: Mapped[int]
+    device: Mapped[str] = mapped_column(String(256))
+    images_per_s: Mapped[float] = mapped_column(Float)
+    ratio_to_batchnorm: Mapped[float] = mapped_column(Float)
+    peak_memory_mb: Mapped[float | None] = mapped_column(Float)
+    param_count: Mapped[int]
+    provenance: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_norm_speed_norm", "norm", "created_at"),)
