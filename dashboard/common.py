@@ -105,3 +105,8 @@ def pair_label(df: pd.DataFrame) -> pd.Series:
 @st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
 def norm_info(url: str, name: str) -> D.NormInfo:
     return D.norm_info(name, engine(url))
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def norm_speed(url: str, name: str) -> pd.DataFrame:
+    return D.norm_speed(engine(url), name)

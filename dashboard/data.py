@@ -31,7 +31,7 @@ from normbench.corruptions import BENCHMARK, EXTRA, FAMILIES
 from normbench.leaderboard import REFERENCE_NORM, Selection, leaderboard
 from normbench.robustness import CORRUPTION_ACCURACY, MCE, RELATIVE_MCE
 from normbench.store import schema_revisions
-from normbench.store.models import CurvePoint, Metric, Run, Submission
+from normbench.store.models import CurvePoint, Metric, NormSpeed, Run, Submission
 
 #: The prefix of norms that came in through ``normbench submit``.
 SUBMISSION_PREFIX = "submission/"
@@ -248,6 +248,26 @@ def runs(engine: Engine, *, norm: str | None = None, sel: Selection | None = Non
         df = pd.DataFrame(conn.execute(query).all(), columns=columns)
     df["status"] = df.status.map(lambda s: s.value)
     return df
+
+
+def norm_speed(engine: Engine, name: str) -> pd.DataFrame:
+    """The norm's rows of the speed table (``normbench bench norms``), newest first."""
+    query = (
+        select(
+            NormSpeed.created_at,
+            NormSpeed.model,
+            NormSpeed.batch_size,
+            NormSpeed.device,
+            NormSpeed.images_per_s,
+            NormSpeed.ratio_to_batchnorm,
+            NormSpeed.peak_memory_mb,
+        )  # fmt: skip
+        .where(NormSpeed.norm == name)
+        .order_by(NormSpeed.created_at.desc())
+    )
+    columns = ["measured", "model", "batch", "device", "images/s", "vs BatchNorm", "memory MB"]
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(query).all(), columns=columns)
 
 
 def norms(engine: Engine) -> list[str]:

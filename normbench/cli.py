@@ -28,7 +28,9 @@ app = typer.Typer(
 data_app = typer.Typer(help="Prepare datasets (decode once into the cache).", no_args_is_help=True)
 db_app = typer.Typer(help="Manage the results database.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(help="Measure speed on this machine.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(bench_app, name="bench")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # log lines stay whole when captured
@@ -417,6 +419,54 @@ def dashboard(
     raise typer.Exit(code)
 
 
+@bench_app.command("norms")
+@user_errors
+def bench_norms(
+    norms: Annotated[
+        str | None, typer.Option(help="Comma-separated norms (default: every registered one).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 64,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per norm (median).")] = 5,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: best).")] = None,
+    db: Db = None,
+) -> None:
+    """Forward + backward speed and memory of each norm in ResNet-20, as a ratio to BatchNorm."""
+    import torch
+
+    from normbench import runtime
+    from normbench.norms import NORMS
+    from normbench.normspeed import MODEL, speed_table
+    from normbench.store import NormSpeed, open_store
+    from normbench.submissions import register_recorded
+
+    store = open_store(config.db_url(db))
+    register_recorded(store)
+    names = _csv(norms) or [n for n in NORMS.names() if not n.startswith("test-")]
+    for name in names:
+        NORMS.get(name)  # unknown names fail here, with the closest matches
+    dev = runtime.resolve_device(device)
+    err.print(f"{len(names)} norm(s) in {MODEL}, batch {batch_size}, on {dev} "
+              f"({torch.get_num_threads()} threads)")  # fmt: skip
+    rows = speed_table(names, batch_size, steps, dev)
+    memory_label = "peak MB" if dev.type == "cuda" else "saved MB"
+    t = Table(title=f"norm speed: {MODEL}, batch {batch_size}, {dev}")
+    for header in ("norm", "images/s", "vs BatchNorm", memory_label, "params", "note"):
+        t.add_column(header, no_wrap=header == "norm")
+    provenance = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps}
+    with store.session() as s, s.begin():
+        for r in rows:
+            t.add_row(r.norm, _num(r.images_per_s, "{:,.0f}"), _num(r.ratio, "{:.2f}x"),
+                      _num(r.memory_mb, "{:.1f}"), f"{r.params:,}", r.error)  # fmt: skip
+            if r.error:
+                continue
+            s.add(NormSpeed(
+                norm=r.norm, model=MODEL, batch_size=batch_size, device=str(dev),
+                images_per_s=r.images_per_s, ratio_to_batchnorm=r.ratio,
+                peak_memory_mb=r.memory_mb, param_count=r.params, provenance=provenance,
+            ))  # fmt: skip
+    out.print(t)
+
+
 class DatasetName(StrEnum):
     cifar10 = "cifar10"
     cifar10_c = "cifar10-c"
@@ -485,6 +535,13 @@ def db_upgrade(db: Db = None) -> None:
 
 
 def main() -> None:
+    from normbench.submissions import load_entry_point_norms
+
+    try:
+        load_entry_point_norms()  # norms that installed packages add
+    except NormbenchError as e:
+        err.print(f"[bold red]Error:[/bold red] {e}", highlight=False)
+        raise SystemExit(2) from None
     app()
 
 

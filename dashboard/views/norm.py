@@ -34,6 +34,21 @@ if info.registered:
 else:
     st.warning(f"{name!r} is not registered in this installation; only its stored runs are shown.")
 
+speed = common.norm_speed(url, name)
+if not speed.empty:
+    st.subheader("Speed")
+    st.caption("Forward + backward throughput in a fixed network, relative to BatchNorm measured "
+               "in the same process (`normbench bench norms`).")  # fmt: skip
+    st.dataframe(
+        speed,
+        hide_index=True,
+        column_config={
+            "images/s": st.column_config.NumberColumn(format="%.0f"),
+            "vs BatchNorm": st.column_config.NumberColumn(format="%.2fx"),
+            "memory MB": st.column_config.NumberColumn(format="%.1f"),
+        },
+    )
+
 st.subheader("Runs")
 runs = common.runs(url, norm=name)
 runs["accuracy %"] = 100 * runs.accuracy
