@@ -171,15 +171,20 @@ def _run_suite(
 @app.command()
 @user_errors
 def check(
-    target: Annotated[str, typer.Argument(help="FILE:CLASS of a norm layer.")],
+    target: Annotated[str, typer.Argument(help="FILE:CLASS of a norm layer, or a norm name.")],
     timeout: Annotated[
         float, typer.Option(min=1, help="Seconds before the check is stopped.")
     ] = 300,
 ) -> None:
     """Check a norm layer against the norm contract (in a separate process, time-limited)."""
-    from normbench.contract import run_contract
+    from normbench.contract import check_norm, run_contract
 
-    report = run_contract(target, timeout=timeout)
+    if ":" in target:
+        report = run_contract(target, timeout=timeout)
+    else:  # a registered norm: normbench's own code, checked in this process
+        from normbench.norms import NORMS
+
+        report = check_norm(NORMS.get(target).obj, target)
     t = Table(title=f"norm contract: {target}")
     t.add_column("check")
     t.add_column("result")

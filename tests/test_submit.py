@@ -134,6 +134,10 @@ def test_check_reports_each_rule(tmp_path):
     result = invoke("check", target)
     assert result.exit_code == 2 and "FAIL" in result.output
     assert "changed the shape" in result.output
+    result = invoke("check", "rmsnorm")  # a registered norm, by name
+    assert result.exit_code == 0 and "Contract holds" in result.output
+    result = invoke("check", "rmsnrom")
+    assert result.exit_code == 2 and "Did you mean 'rmsnorm'?" in result.output
 
 
 def test_contract_holds_for_every_registered_norm():
