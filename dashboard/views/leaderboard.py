@@ -48,7 +48,10 @@ if podium:
 
 view = pd.DataFrame(
     {
-        "rank": [MEDALS.get(int(r), str(int(r))) if pd.notna(r) else "-" for r in table["rank"]],
+        "rank": [
+            f"{int(r)} {MEDALS.get(int(r), '')}".strip() if pd.notna(r) else "-"
+            for r in table["rank"]
+        ],
         "norm": table.norm + table.submission.map({True: " (submission)", False: ""}),
         "optimizer": table.optimizer,
         "clean acc %": mean_std("accuracy"),
