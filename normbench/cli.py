@@ -435,7 +435,8 @@ def bench_norms(
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: best).")] = None,
     db: Db = None,
 ) -> None:
-    """Forward + backward speed and memory of each norm in ResNet-20, as a ratio to BatchNorm."""
+    """Forward + backward speed and memory of each norm in ResNet-20, as a ratio to BatchNorm,
+    and whether it holds the norm contract."""
     import torch
 
     from normbench import runtime
@@ -453,15 +454,23 @@ def bench_norms(
     err.print(f"{len(names)} norm(s) in {MODEL}, batch {batch_size}, on {dev} "
               f"({torch.get_num_threads()} threads)")  # fmt: skip
     rows = speed_table(names, batch_size, steps, dev)
+    from normbench.contract import check_norm
+
+    contract = {}
+    for r in rows:
+        report = check_norm(NORMS.get(r.norm).obj, r.norm, measure_costs=False)
+        contract[r.norm] = "holds" if report.passed else "; ".join(report.failures())
     memory_label = "peak MB" if dev.type == "cuda" else "saved MB"
     t = Table(title=f"norm speed: {MODEL}, batch {batch_size}, {dev}")
-    for header in ("norm", "images/s", "vs BatchNorm", memory_label, "params", "note"):
+    headers = ("norm", "images/s", "vs BatchNorm", memory_label, "params", "contract", "note")
+    for header in headers:
         t.add_column(header, no_wrap=header == "norm")
     provenance = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps}
     with store.session() as s, s.begin():
         for r in rows:
             t.add_row(r.norm, _num(r.images_per_s, "{:,.0f}"), _num(r.ratio, "{:.2f}x"),
-                      _num(r.memory_mb, "{:.1f}"), f"{r.params:,}", r.error)  # fmt: skip
+                      _num(r.memory_mb, "{:.1f}"), f"{r.params:,}", contract[r.norm],
+                      r.error)  # fmt: skip
             if r.error:
                 continue
             s.add(NormSpeed(

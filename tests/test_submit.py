@@ -214,6 +214,7 @@ def test_bench_norms_measures_and_stores_a_speed_table(db, monkeypatch):
                     f"--db={db}")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "vs BatchNorm" in result.output and "1.00x" in result.output
+    assert result.output.count("holds") == 3  # the contract column
     from dashboard.data import norm_speed, readonly_engine
 
     engine = readonly_engine(f"sqlite:///{db}")
