@@ -145,9 +145,8 @@ def test_contract_holds_for_every_registered_norm():
     for name in NORMS.names():
         if name.startswith(("submission/", "test-")):
             continue
-        report = check_norm(NORMS.get(name).obj, name)
+        report = check_norm(NORMS.get(name).obj, name, measure_costs=False)
         assert report.passed, (name, report.failures())
-        assert report.time_ratio > 0
 
 
 def test_worked_example_goes_from_submit_to_a_leaderboard_row(cifar_dir, tmp_path, db):
