@@ -135,7 +135,7 @@ def _run_suite(
     s = load_suite(suite)
     budget_name = budget.value if budget else default_budget()
     store = open_store(config.db_url(db))
-    register_recorded(store)  # submitted norms can be named like any other
+    register_recorded(store, norm_list)  # submitted norms can be named like any other
     specs = plan(s, budget_name, norms=norm_list, optimizers=opt_list, seeds=seed_list)
     dev = resolve_device(device)
     err.print(
@@ -446,7 +446,7 @@ def bench_norms(
     from normbench.submissions import register_recorded
 
     store = open_store(config.db_url(db))
-    register_recorded(store)
+    register_recorded(store, _csv(norms))
     names = _csv(norms) or [n for n in NORMS.names() if not n.startswith("test-")]
     for name in names:
         NORMS.get(name)  # unknown names fail here, with the closest matches

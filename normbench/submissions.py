@@ -4,8 +4,8 @@ A submission is checked against the norm contract in a child process first; only
 passes is recorded (source text, SHA-256, contract report) and registered as
 ``submission/<name>/v<version>``. The same source again is the same submission; a changed source
 becomes the next version, so every leaderboard row names the exact code behind it. Recorded
-submissions are registered again from their stored source in every process that runs suites, so
-an interrupted submission run resumes like any other.
+submissions named in a run (``--norms submission/...``) are registered again from their stored
+source, so an interrupted submission run resumes like any other.
 
 Installed packages add norms through the ``normbench.norms`` entry-point group: each entry point
 names a norm class (``name = "package.module:Class"``); its docstring's first line is the
@@ -96,10 +96,14 @@ def register(submission: Submission) -> None:
     NORMS.add(submission.name, cls, entry_info(submission.name, cls))
 
 
-def register_recorded(store: Store) -> None:
-    """Register every submission recorded in the database."""
+def register_recorded(store: Store, names: list[str] | None) -> None:
+    """Register the recorded submissions among ``names`` (others are left alone, so one whose
+    code no longer imports only stops the runs that ask for it)."""
+    wanted = [n for n in names or () if n.startswith(NAMESPACE) and n not in NORMS]
+    if not wanted:
+        return
     with store.session() as s:
-        for submission in s.scalars(select(Submission).order_by(Submission.id)):
+        for submission in s.scalars(select(Submission).where(Submission.name.in_(wanted))):
             register(submission)
 
 

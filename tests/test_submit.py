@@ -183,6 +183,13 @@ def test_worked_example_goes_from_submit_to_a_leaderboard_row(cifar_dir, tmp_pat
     name, new = submit(str(db), f"{changed}:ChannelLayerNorm", None, timeout=120)
     assert (name, new) == ("submission/channellayernorm/v2", True)
 
+    # a later process knows the submission only from the database: it registers it from there
+    NORMS._entries.pop(name)
+    result = invoke("run", f"--suite={suite}", "--budget=smoke", f"--norms={name}", f"--db={db}")
+    assert result.exit_code == 0, result.output
+    rows = {r["norm"]: r for r in leaderboard_json(str(db), suite=str(suite))}
+    assert rows[name]["status"] == "1 finished"
+
 
 def test_entry_point_norms_are_registered(tmp_path, monkeypatch):
     package = tmp_path / "site"
