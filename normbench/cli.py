@@ -87,6 +87,7 @@ DataDir = Annotated[
     str | None,
     typer.Option("--data-dir", help="Local dataset mirror directory [env: NORMBENCH_DATA_DIR]."),
 ]
+BudgetOption = Annotated[Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")]
 Db = Annotated[
     str | None,
     typer.Option("--db", help="SQLAlchemy URL or SQLite file path [env: NORMBENCH_DB]."),
@@ -99,9 +100,7 @@ def run(
     suite: Annotated[
         str, typer.Option(help="Suite name (see `normbench list suites`) or TOML path.")
     ],
-    budget: Annotated[
-        Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")
-    ] = None,
+    budget: BudgetOption = None,
     norms: Annotated[str | None, typer.Option(help="Comma-separated norm names.")] = None,
     optimizers: Annotated[str | None, typer.Option(help="Comma-separated optimizer names.")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = None,
@@ -198,8 +197,7 @@ def check(
             f"backward time vs BatchNorm: {report.time_ratio:.2f}x."
         )
         return
-    raise NormbenchError(f"{target} breaks the norm contract:\n  - " + "\n  - ".join(
-        report.failures()))  # fmt: skip
+    raise NormbenchError(f"{target} breaks the norm contract:{report.failure_list()}")
 
 
 @app.command()
@@ -210,9 +208,7 @@ def submit(
         str | None, typer.Option(help="Name on the leaderboard (default: the class name).")
     ] = None,
     suite: Annotated[str, typer.Option(help="Suite to run the norm in.")] = "cifar-c",
-    budget: Annotated[
-        Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")
-    ] = None,
+    budget: BudgetOption = None,
     optimizers: Annotated[
         str | None, typer.Option(help="Comma-separated optimizers (default: the suite's).")
     ] = None,
@@ -301,9 +297,7 @@ def _pct(mean: Any, std: Any) -> str:
 @user_errors
 def leaderboard(
     suite: Annotated[str, typer.Option(help="Suite name.")],
-    budget: Annotated[
-        Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")
-    ] = None,
+    budget: BudgetOption = None,
     format: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
     db: Db = None,
 ) -> None:

@@ -62,6 +62,10 @@ class ContractReport:
             return [self.error]
         return [f"{c.name}: {c.message}" for c in self.checks if not c.passed]
 
+    def failure_list(self) -> str:
+        """The failures as an indented bullet list, one per line, for messages."""
+        return "".join(f"\n  - {failure}" for failure in self.failures())
+
     @classmethod
     def from_json(cls, data: dict) -> ContractReport:
         checks = [Check(**c) for c in data.pop("checks", [])]

@@ -119,9 +119,8 @@ def submit(db: str | None, target: str, name: str | None, timeout: float) -> tup
     base = base_name(target, name)
     report: ContractReport = run_contract(target, timeout=timeout)
     if not report.passed:
-        reasons = "\n  - ".join(report.failures())
         raise NormbenchError(
-            f"{target} is rejected; the norm contract does not hold:\n  - {reasons}"
+            f"{target} is rejected; the norm contract does not hold:{report.failure_list()}"
         )
     source = path.read_text()
     digest = hashlib.sha256(source.encode()).hexdigest()
