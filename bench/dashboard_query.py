@@ -107,8 +107,8 @@ def reference(engine, sel: Selection) -> pd.DataFrame:
     """Every metric row of the selection loaded into pandas and aggregated there."""
     with engine.connect() as conn:
         rows = conn.execute(
-            select(Run.norm, Run.optimizer, Metric.name, Metric.corruption, Metric.severity,
-                   Metric.value)  # fmt: skip
+            select(Run.norm, Run.optimizer, Metric.name, Metric.corruption)
+            .add_columns(Metric.severity, Metric.value)
             .join(Metric, Metric.run_id == Run.id)
             .where(*sel.finished_runs())
         ).all()

@@ -7,6 +7,12 @@ replace the pair (ConvNorm) own their convolution and build the whole pair throu
 ``block()`` classmethod, so no model needs a special case for them. The one model-side change is
 SkipInit: a factory for a norm with the ``skipinit`` capability says so, and residual blocks then
 gate their residual branch with a learnable scalar initialised to 0.
+
+Models state what they do with the factory as capabilities, and a norm that needs one the model
+lacks is refused with a message before anything is built (``check_model_supports``): a norm that
+owns its convolution needs a model that builds every convolution through the factory, and SkipInit
+needs residual branches to gate. Without the check such a norm would run as another norm (or as
+``none``) and give a misleading row.
 """
 
 from __future__ import annotations
@@ -33,6 +39,26 @@ class BlockFactory(Protocol):
     ) -> nn.Module: ...
 
 
+#: Model capability: every convolution is built by the block factory (norms may own their conv).
+CONV_BLOCKS = "conv_blocks"
+#: Model capability: residual branches are gated by SkipInit's learnable scalar.
+RESIDUAL_GATE = "residual_gate"
+
+
+def norm_requirements(norm: NormSpec) -> frozenset[str]:
+    """The model capabilities that ``norm`` needs to act as itself."""
+    info = norm_info(norm)
+    target = norm.func if isinstance(norm, functools.partial) else norm
+    cls = NORMS.get(norm).obj if isinstance(norm, str) else target
+    owns_conv = info.has(OWNS_CONV) if info is not None else hasattr(cls, "block")
+    skipinit = info is not None and info.has(SKIPINIT)
+    return frozenset(
+        capability
+        for capability, needed in ((CONV_BLOCKS, owns_conv), (RESIDUAL_GATE, skipinit))
+        if needed
+    )
+
+
 class ConvThenNorm(nn.Sequential):
     """A convolution followed by a normalization layer (the default block)."""
 
@@ -45,12 +71,13 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
     with an affine shift makes a convolution bias redundant.
 
     The factory carries ``norm_layer`` (torchvision's per-channel ``norm_layer(num_channels)``
-    argument), ``owns_conv``, ``skipinit`` and ``norm_name`` for the models that need them.
+    argument), ``owns_conv``, ``skipinit``, ``requires`` (the model capabilities the norm needs)
+    and ``norm_name`` for the models that need them.
     """
-    info = norm_info(norm)
     target = norm.func if isinstance(norm, functools.partial) else norm
     cls = NORMS.get(norm).obj if isinstance(norm, str) else target
-    owns_conv = info.has(OWNS_CONV) if info is not None else hasattr(cls, "block")
+    requires = norm_requirements(norm)
+    owns_conv = CONV_BLOCKS in requires
     name = norm if isinstance(norm, str) else getattr(target, "__name__", repr(norm))
 
     if owns_conv:
@@ -84,7 +111,8 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
     # Builders that take torchvision's ``norm_layer(num_channels)`` argument use this.
     make.norm_layer = norm_layer
     make.owns_conv = owns_conv
-    make.skipinit = info is not None and info.has(SKIPINIT)
+    make.skipinit = RESIDUAL_GATE in requires
+    make.requires = requires
     make.norm_name = name
     return make
 
@@ -94,8 +122,38 @@ MODELS: Registry[ModelBuilder] = Registry("model")
 register_model = MODELS.register
 
 
+_NEEDS = {
+    CONV_BLOCKS: "owns its convolution, but model {model!r} builds its own convolutions and only "
+    "takes a per-channel norm layer",
+    RESIDUAL_GATE: "gates residual branches (SkipInit), but model {model!r} has no residual "
+    "branches, so it would train as 'none'",
+}
+
+
+def _refuse(model: str, norm_name: str, missing: set[str]) -> None:
+    if not missing:
+        return
+    need = sorted(missing)
+    hosts = [e.info.name for e in MODELS if all(e.info.has(c) for c in need)]
+    reasons = "; ".join(_NEEDS[c].format(model=model) for c in need)
+    raise NormbenchError(
+        f"norm {norm_name!r} cannot be used with model {model!r}: it {reasons}. "
+        f"Models that can host it: {', '.join(hosts) or 'none'}."
+    )
+
+
+def check_model_supports(model: str, norm: NormSpec) -> None:
+    """Raise ``NormbenchError`` when ``model`` cannot host ``norm`` as that norm."""
+    info = MODELS.get(model).info
+    name = norm if isinstance(norm, str) else getattr(norm, "__name__", repr(norm))
+    _refuse(model, name, {c for c in norm_requirements(norm) if not info.has(c)})
+
+
 def create_model(name: str, *, block: BlockFactory, num_classes: int, **kwargs: Any) -> nn.Module:
-    return MODELS.get(name).obj(block=block, num_classes=num_classes, **kwargs)
+    entry = MODELS.get(name)
+    requires = getattr(block, "requires", frozenset())
+    _refuse(name, getattr(block, "norm_name", "?"), {c for c in requires if not entry.info.has(c)})
+    return entry.obj(block=block, num_classes=num_classes, **kwargs)
 
 
 # --- CIFAR ResNets (He et al. 2016, section 4.2) -------------------------------------------------
@@ -166,6 +224,7 @@ class CifarResNet(nn.Module):
     "resnet20",
     description="CIFAR ResNet-20 (He et al. 2016), option-A shortcuts, 0.27M parameters.",
     family="resnet",
+    capabilities={CONV_BLOCKS, RESIDUAL_GATE},
 )
 def resnet20(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
     return CifarResNet(20, block=block, num_classes=num_classes)
@@ -175,6 +234,7 @@ def resnet20(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
     "resnet56",
     description="CIFAR ResNet-56 (He et al. 2016), option-A shortcuts, 0.85M parameters.",
     family="resnet",
+    capabilities={CONV_BLOCKS, RESIDUAL_GATE},
 )
 def resnet56(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
     return CifarResNet(56, block=block, num_classes=num_classes)
@@ -218,6 +278,7 @@ class FastNet(nn.Module):
     description="Small fast CIFAR net (7 conv layers, widths 32-64-128-256, 1.2M parameters) "
     "for CPU budgets.",
     family="vgg",
+    capabilities={CONV_BLOCKS},
 )
 def fastnet(
     *, block: BlockFactory, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128, 256)
@@ -233,12 +294,6 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def _torchvision_resnet(name: str, block: BlockFactory, num_classes: int) -> nn.Module:
-    if getattr(block, "owns_conv", False):
-        raise NormbenchError(
-            f"norm {getattr(block, 'norm_name', '?')!r} owns its convolution, but model {name!r} "
-            "builds its own convolutions (it is torchvision's) and only takes a per-channel norm "
-            "layer; use this norm with resnet20, resnet56 or fastnet."
-        )
     from torchvision import models as tv_models
 
     norm_layer = getattr(block, "norm_layer", None)

@@ -38,6 +38,10 @@ def write_suite(tmp_path, text):
         (["--suite", "cifar10", "--seeds", "-1"], "seeds must be non-negative"),
         (["--suite", "cifar10", "--budget", "huge"], "'huge' is not one of"),
         (["--suite", "cifar10", "--device", "tpu"], "Invalid device 'tpu'"),
+        (
+            ["--suite", "cifar10", "--norms", "batchnorm,skipinit"],
+            "norm 'skipinit' cannot be used with model 'fastnet'",
+        ),
     ],
 )
 def test_bad_run_arguments(args, expected):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench.errors import NormbenchError
-from normbench.models import BasicBlock, conv_norm_factory, create_model, parameter_count
+from normbench.models import BasicBlock, conv_norm_factory, create_model
 from normbench.norms import (
     AFFINE,
     BATCH_STATS,
@@ -27,6 +27,7 @@ from normbench.norms import (
     create_norm,
 )
 from normbench.optim import parameter_groups
+from normbench.suites import load_suite, plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -362,8 +363,12 @@ def test_convnorm_affine_starts_as_identity_and_is_kept_by_model_init():
 # --- the zoo in the models ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(ZOO))
-@pytest.mark.parametrize(("model", "options"), [("resnet20", {}), ("fastnet", {"widths": [8] * 4})])
+# fastnet has no residual branches and refuses SkipInit (tested below).
+@pytest.mark.parametrize(
+    ("name", "model", "options"),
+    [(name, "resnet20", {}) for name in ZOO]
+    + [(name, "fastnet", {"widths": [8] * 4}) for name in ZOO if name != "skipinit"],
+)
 def test_models_run_forward_and_backward_with_every_zoo_norm(name, model, options):
     torch.manual_seed(0)
     net = create_model(model, block=conv_norm_factory(name), num_classes=10, **options)
@@ -402,17 +407,26 @@ def test_skipinit_resnet_starts_as_its_shortcuts():
     assert not gates & {id(p) for p in affine_parameters(net)}
 
 
-def test_skipinit_changes_nothing_without_residual_branches():
-    torch.manual_seed(0)
-    gated = create_model("fastnet", block=conv_norm_factory("skipinit"), num_classes=10)
-    torch.manual_seed(0)
-    plain = create_model("fastnet", block=conv_norm_factory("none"), num_classes=10)
-    assert parameter_count(gated) == parameter_count(plain)
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert torch.equal(gated(x), plain(x))
+def test_models_without_residual_branches_refuse_skipinit():
+    # On fastnet SkipInit would train exactly as "none" and give a duplicate, misleading row.
+    message = r"'skipinit' cannot be used with model 'fastnet'.*no residual.*resnet20, resnet56"
+    with pytest.raises(NormbenchError, match=message):
+        create_model("fastnet", block=conv_norm_factory("skipinit"), num_classes=10)
+    with pytest.raises(NormbenchError, match="'skipinit' cannot be used with model 'resnet18'"):
+        create_model("resnet18", block=conv_norm_factory("skipinit"), num_classes=10)
     net = create_model("resnet20", block=conv_norm_factory("none"), num_classes=10)
     assert not any("skip_gain" in key for key in net.state_dict())
+
+
+def test_suite_plans_refuse_a_norm_the_budget_model_cannot_host():
+    cifar10, imagenet_c = load_suite("cifar10"), load_suite("imagenet-c")
+    with pytest.raises(NormbenchError, match="'skipinit' cannot be used with model 'fastnet'"):
+        plan(cifar10, "cpu", norms=["batchnorm", "skipinit"], optimizers=["sgd"])
+    with pytest.raises(NormbenchError, match="'convnorm' cannot be used with model 'resnet18'"):
+        plan(imagenet_c, "cpu", norms=["convnorm"])
+    # The same norms are fine where the model can host them.
+    runs = plan(cifar10, "full", norms=["skipinit", "convnorm"])
+    assert {run.norm for run in runs} == {"skipinit", "convnorm"}
 
 
 def test_weight_decay_spares_zoo_affine_parameters():
@@ -428,7 +442,8 @@ def test_weight_decay_spares_zoo_affine_parameters():
 @pytest.mark.parametrize("name", OWNING)
 def test_torchvision_resnets_refuse_norms_that_own_their_convolution(name):
     factory = conv_norm_factory(name)
-    with pytest.raises(NormbenchError, match=rf"norm '{name}' owns its convolution.*'resnet18'"):
+    message = rf"norm '{name}' cannot be used with model 'resnet18': it owns its convolution"
+    with pytest.raises(NormbenchError, match=message):
         create_model("resnet18", block=factory, num_classes=10)
     with pytest.raises(NormbenchError, match="owns its convolution"):
         factory.norm_layer(16)

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from normbench.errors import NormbenchError, SuiteError, UnknownNameError
-from normbench.models import MODELS
+from normbench.models import MODELS, check_model_supports
 from normbench.norms import NORMS
 from normbench.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_RULE
 from normbench.registry import EntryInfo, Registry
@@ -291,6 +291,8 @@ def plan(
     seeds = list(suite.spec.seeds) if seeds is None else seeds
     for norm in norms:
         NORMS.get(norm)
+        # Refused up front, so a suite never stops halfway on a combination that cannot run.
+        check_model_supports(b.model, norm)
     for opt in optimizers:
         OPTIMIZERS.get(opt)
         if opt not in b.optimizers:
