@@ -153,6 +153,33 @@ def _batch_variance(x: torch.Tensor, running_var: torch.Tensor, momentum: float)
     return var
 
 
+class _ChannelAffine(nn.Module):
+    """Base of the zoo's activation norms: the learnable per-channel scale ``weight`` (init 1) and
+    shift ``bias`` (init 0) that ``affine()`` applies in float32 and casts back to the input's
+    dtype. Norms with batch statistics pass ``momentum`` and get ``running_var`` and
+    ``variance()``."""
+
+    def __init__(self, num_channels: int, momentum: float | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        if momentum is not None:
+            self.momentum = momentum
+            self.register_buffer("running_var", torch.ones(num_channels))
+
+    def variance(self, xf: torch.Tensor) -> torch.Tensor:
+        """The batch variance in training (updating ``running_var``), the running one in eval."""
+        if self.training:
+            return _batch_variance(xf, self.running_var, self.momentum)
+        return self.running_var.float()
+
+    def affine(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (y * _per_channel(self.weight) + _per_channel(self.bias)).to(dtype)
+
+    def affine_parameters(self) -> list[nn.Parameter]:
+        return [self.weight, self.bias]
+
+
 @register_norm(
     "frn",
     description="Filter response normalization + TLU (Singh & Krishnan 2019): "
@@ -161,19 +188,16 @@ def _batch_variance(x: torch.Tensor, running_var: torch.Tensor, momentum: float)
     family="frn",
     capabilities={AFFINE},
 )
-class FilterResponseNorm(nn.Module):
+class FilterResponseNorm(_ChannelAffine):
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        super().__init__(num_channels)
         self.tau = nn.Parameter(torch.zeros(num_channels))
         self.eps = nn.Parameter(torch.full((num_channels,), eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         nu2 = xf.square().mean(dim=(2, 3), keepdim=True)
-        y = xf * torch.rsqrt(nu2 + _per_channel(self.eps).abs())
-        y = y * _per_channel(self.weight) + _per_channel(self.bias)
+        y = self.affine(xf * torch.rsqrt(nu2 + _per_channel(self.eps).abs()), torch.float32)
         return torch.maximum(y, _per_channel(self.tau)).to(x.dtype)
 
     def affine_parameters(self) -> list[nn.Parameter]:
@@ -189,29 +213,18 @@ class FilterResponseNorm(nn.Module):
     family="evonorm",
     capabilities={BATCH_STATS, AFFINE},
 )
-class EvoNormB0(nn.Module):
+class EvoNormB0(_ChannelAffine):
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        super().__init__(num_channels, momentum)
+        self.eps = eps
         self.v = nn.Parameter(torch.ones(num_channels))
-        self.register_buffer("running_var", torch.ones(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        if self.training:
-            var = _batch_variance(xf, self.running_var, self.momentum)
-        else:
-            var = self.running_var.float()
-        batch_std = _per_channel(torch.sqrt(var + self.eps))
+        batch_std = _per_channel(torch.sqrt(self.variance(xf) + self.eps))
         instance_std = torch.sqrt(xf.var(dim=(2, 3), correction=0, keepdim=True) + self.eps)
         denominator = torch.maximum(batch_std, _per_channel(self.v) * xf + instance_std)
-        y = xf / denominator * _per_channel(self.weight) + _per_channel(self.bias)
-        return y.to(x.dtype)
-
-    def affine_parameters(self) -> list[nn.Parameter]:
-        return [self.weight, self.bias]
+        return self.affine(xf / denominator, x.dtype)
 
 
 @register_norm(
@@ -221,12 +234,10 @@ class EvoNormB0(nn.Module):
     family="evonorm",
     capabilities={AFFINE},
 )
-class EvoNormS0(nn.Module):
+class EvoNormS0(_ChannelAffine):
     def __init__(self, num_channels: int, groups: int = 32, eps: float = 1e-5) -> None:
-        super().__init__()
+        super().__init__(num_channels)
         self.groups, self.eps = group_count(num_channels, groups), eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
         self.v = nn.Parameter(torch.ones(num_channels))
 
     def group_std(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,10 +251,7 @@ class EvoNormS0(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         y = xf * torch.sigmoid(_per_channel(self.v) * xf) / self.group_std(xf)
-        return (y * _per_channel(self.weight) + _per_channel(self.bias)).to(x.dtype)
-
-    def affine_parameters(self) -> list[nn.Parameter]:
-        return [self.weight, self.bias]
+        return self.affine(y, x.dtype)
 
 
 @register_norm(
@@ -254,25 +262,14 @@ class EvoNormS0(nn.Module):
     family="batch",
     capabilities={BATCH_STATS, AFFINE},
 )
-class VarianceNorm(nn.Module):
+class VarianceNorm(_ChannelAffine):
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.register_buffer("running_var", torch.ones(num_channels))
+        super().__init__(num_channels, momentum)
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        if self.training:
-            var = _batch_variance(xf, self.running_var, self.momentum)
-        else:
-            var = self.running_var.float()
-        y = xf * _per_channel(torch.rsqrt(var + self.eps))
-        return (y * _per_channel(self.weight) + _per_channel(self.bias)).to(x.dtype)
-
-    def affine_parameters(self) -> list[nn.Parameter]:
-        return [self.weight, self.bias]
+        return self.affine(xf * _per_channel(torch.rsqrt(self.variance(xf) + self.eps)), x.dtype)
 
 
 @register_norm(
@@ -282,20 +279,16 @@ class VarianceNorm(nn.Module):
     family="group",
     capabilities={AFFINE},
 )
-class RMSNorm(nn.Module):
+class RMSNorm(_ChannelAffine):
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
+        super().__init__(num_channels)
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        y = xf * torch.rsqrt(xf.square().mean(dim=1, keepdim=True) + self.eps)
-        return (y * _per_channel(self.weight) + _per_channel(self.bias)).to(x.dtype)
-
-    def affine_parameters(self) -> list[nn.Parameter]:
-        return [self.weight, self.bias]
+        return self.affine(
+            xf * torch.rsqrt(xf.square().mean(dim=1, keepdim=True) + self.eps), x.dtype
+        )
 
 
 # --- The norm zoo: norms that own their convolution -----------------------------------------------
