@@ -320,7 +320,8 @@ RELU_GAIN = math.sqrt(2 * math.pi / (math.pi - 1))
 
 
 class _ReparametrizedConv(OwnsConvMixin, nn.Conv2d):
-    """A same-padded convolution whose forward uses ``effective_weight()`` instead of ``weight``."""
+    """A same-padded convolution whose forward uses ``effective_weight()`` instead of ``weight``,
+    with a per-output-channel ``gain`` (init 1) and the ``eps`` of the weight's normalization."""
 
     def __init__(
         self,
@@ -330,12 +331,14 @@ class _ReparametrizedConv(OwnsConvMixin, nn.Conv2d):
         kernel_size: int = 3,
         stride: int = 1,
         bias: bool = True,
+        eps: float = 1e-5,
     ) -> None:
         in_channels = num_channels if in_channels is None else in_channels
         super().__init__(
             in_channels, num_channels, kernel_size, stride, padding=kernel_size // 2, bias=bias
         )
         self.gain = nn.Parameter(torch.ones(num_channels))
+        self.eps = eps
 
     def effective_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -359,10 +362,6 @@ class _ReparametrizedConv(OwnsConvMixin, nn.Conv2d):
 class WeightNormConv(_ReparametrizedConv):
     """``weight`` holds the direction v; ``gain`` is g, the norm of each output channel's filter."""
 
-    def __init__(self, num_channels: int, *, eps: float = 1e-5, **conv: Any) -> None:
-        super().__init__(num_channels, **conv)
-        self.eps = eps
-
     def effective_weight(self) -> torch.Tensor:
         v = self.weight.float()
         norm = torch.linalg.vector_norm(v, dim=(1, 2, 3), keepdim=True)
@@ -377,10 +376,6 @@ class WeightNormConv(_ReparametrizedConv):
     capabilities={WEIGHT, OWNS_CONV},
 )
 class ScaledStdConv(_ReparametrizedConv):
-    def __init__(self, num_channels: int, *, eps: float = 1e-5, **conv: Any) -> None:
-        super().__init__(num_channels, **conv)
-        self.eps = eps
-
     def standardized_weight(self) -> torch.Tensor:
         """Per output channel: zero mean and std 1/sqrt(fan_in), before the gain and RELU_GAIN."""
         w = self.weight.float()
