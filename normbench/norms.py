@@ -558,7 +558,7 @@ class ConvNorm(OwnsConvMixin, nn.Conv2d):
     "skipinit",
     description="No normalization plus SkipInit (De & Smith 2020): residual blocks multiply their "
     "residual branch by a learnable scalar initialised to 0. Models without residual branches "
-    "behave as with 'none'.",
+    "refuse it.",
     family="none",
     capabilities={SKIPINIT},
 )
