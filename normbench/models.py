@@ -130,30 +130,23 @@ _NEEDS = {
 }
 
 
-def _refuse(model: str, norm_name: str, missing: set[str]) -> None:
+def check_model_supports(model: str, block: BlockFactory) -> None:
+    """Raise ``NormbenchError`` when ``model`` cannot host the norm of ``block`` as that norm."""
+    info = MODELS.get(model).info
+    missing = sorted(c for c in getattr(block, "requires", ()) if not info.has(c))
     if not missing:
         return
-    need = sorted(missing)
-    hosts = [e.info.name for e in MODELS if all(e.info.has(c) for c in need)]
-    reasons = "; ".join(_NEEDS[c].format(model=model) for c in need)
+    hosts = [e.info.name for e in MODELS if all(e.info.has(c) for c in missing)]
+    reasons = "; ".join(_NEEDS[c].format(model=model) for c in missing)
     raise NormbenchError(
-        f"norm {norm_name!r} cannot be used with model {model!r}: it {reasons}. "
-        f"Models that can host it: {', '.join(hosts) or 'none'}."
+        f"norm {getattr(block, 'norm_name', '?')!r} cannot be used with model {model!r}: it "
+        f"{reasons}. Models that can host it: {', '.join(hosts) or 'none'}."
     )
 
 
-def check_model_supports(model: str, norm: NormSpec) -> None:
-    """Raise ``NormbenchError`` when ``model`` cannot host ``norm`` as that norm."""
-    info = MODELS.get(model).info
-    name = norm if isinstance(norm, str) else getattr(norm, "__name__", repr(norm))
-    _refuse(model, name, {c for c in norm_requirements(norm) if not info.has(c)})
-
-
 def create_model(name: str, *, block: BlockFactory, num_classes: int, **kwargs: Any) -> nn.Module:
-    entry = MODELS.get(name)
-    requires = getattr(block, "requires", frozenset())
-    _refuse(name, getattr(block, "norm_name", "?"), {c for c in requires if not entry.info.has(c)})
-    return entry.obj(block=block, num_classes=num_classes, **kwargs)
+    check_model_supports(name, block)
+    return MODELS.get(name).obj(block=block, num_classes=num_classes, **kwargs)
 
 
 # --- CIFAR ResNets (He et al. 2016, section 4.2) -------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from normbench.errors import NormbenchError, SuiteError, UnknownNameError
-from normbench.models import MODELS, check_model_supports
+from normbench.models import MODELS, check_model_supports, conv_norm_factory
 from normbench.norms import NORMS
 from normbench.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_RULE
 from normbench.registry import EntryInfo, Registry
@@ -292,7 +292,7 @@ def plan(
     for norm in norms:
         NORMS.get(norm)
         # Refused up front, so a suite never stops halfway on a combination that cannot run.
-        check_model_supports(b.model, norm)
+        check_model_supports(b.model, conv_norm_factory(norm))
     for opt in optimizers:
         OPTIMIZERS.get(opt)
         if opt not in b.optimizers:
