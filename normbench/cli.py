@@ -434,22 +434,22 @@ def bench_norms(
     import torch
 
     from normbench import runtime
+    from normbench.contract import check_norm
     from normbench.norms import NORMS
     from normbench.normspeed import MODEL, speed_table
     from normbench.store import NormSpeed, open_store
     from normbench.submissions import register_recorded
 
     store = open_store(config.db_url(db))
-    register_recorded(store, _csv(norms))
-    names = _csv(norms) or [n for n in NORMS.names() if not n.startswith("test-")]
+    named = _csv(norms)
+    register_recorded(store, named)
+    names = named or [n for n in NORMS.names() if not n.startswith("test-")]
     for name in names:
         NORMS.get(name)  # unknown names fail here, with the closest matches
     dev = runtime.resolve_device(device)
     err.print(f"{len(names)} norm(s) in {MODEL}, batch {batch_size}, on {dev} "
               f"({torch.get_num_threads()} threads)")  # fmt: skip
     rows = speed_table(names, batch_size, steps, dev)
-    from normbench.contract import check_norm
-
     contract = {}
     for r in rows:
         report = check_norm(NORMS.get(r.norm).obj, r.norm, measure_costs=False)

@@ -45,20 +45,6 @@ CONV_BLOCKS = "conv_blocks"
 RESIDUAL_GATE = "residual_gate"
 
 
-def norm_requirements(norm: NormSpec) -> frozenset[str]:
-    """The model capabilities that ``norm`` needs to act as itself."""
-    info = norm_info(norm)
-    target = norm.func if isinstance(norm, functools.partial) else norm
-    cls = NORMS.get(norm).obj if isinstance(norm, str) else target
-    owns_conv = info.has(OWNS_CONV) if info is not None else hasattr(cls, "block")
-    skipinit = info is not None and info.has(SKIPINIT)
-    return frozenset(
-        capability
-        for capability, needed in ((CONV_BLOCKS, owns_conv), (RESIDUAL_GATE, skipinit))
-        if needed
-    )
-
-
 class ConvThenNorm(nn.Sequential):
     """A convolution followed by a normalization layer (the default block)."""
 
@@ -74,10 +60,14 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
     argument), ``owns_conv``, ``skipinit``, ``requires`` (the model capabilities the norm needs)
     and ``norm_name`` for the models that need them.
     """
+    info = norm_info(norm)
     target = norm.func if isinstance(norm, functools.partial) else norm
     cls = NORMS.get(norm).obj if isinstance(norm, str) else target
-    requires = norm_requirements(norm)
-    owns_conv = CONV_BLOCKS in requires
+    owns_conv = info.has(OWNS_CONV) if info is not None else hasattr(cls, "block")
+    skipinit = info is not None and info.has(SKIPINIT)
+    # The model capabilities the norm needs to act as itself (see ``check_model_supports``).
+    needs = ((CONV_BLOCKS, owns_conv), (RESIDUAL_GATE, skipinit))
+    requires = frozenset(capability for capability, needed in needs if needed)
     name = norm if isinstance(norm, str) else getattr(target, "__name__", repr(norm))
 
     if owns_conv:
@@ -111,7 +101,7 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
     # Builders that take torchvision's ``norm_layer(num_channels)`` argument use this.
     make.norm_layer = norm_layer
     make.owns_conv = owns_conv
-    make.skipinit = RESIDUAL_GATE in requires
+    make.skipinit = skipinit
     make.requires = requires
     make.norm_name = name
     return make
