@@ -330,13 +330,15 @@ def norm_info(name: str, engine: Engine | None = None) -> NormInfo:
             ).first()
         if row is not None:
             return _submitted_info(name, *row)
-    from normbench.norms import NORMS
+    from normbench.errors import NormbenchError
+    from normbench.norms import NORMS, norm_class
 
-    if name not in NORMS.names():
-        return NormInfo(name, registered=False)
-    entry = NORMS.get(name)
     try:
-        source = inspect.getsource(entry.obj)
+        entry = NORMS.get(name)  # also a name with options, such as groupnorm(groups=8)
+    except NormbenchError:
+        return NormInfo(name, registered=False)
+    try:
+        source = inspect.getsource(norm_class(entry.obj))
     except (OSError, TypeError):
         source = ""
     digest = hashlib.sha256(source.encode()).hexdigest() if source else ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
@@ -57,7 +58,8 @@ def user_errors(fn: F) -> F:
 def _csv(value: str | None) -> list[str] | None:
     if value is None:
         return None
-    items = [v.strip() for v in value.split(",") if v.strip()]
+    # Commas inside parentheses belong to a norm's options: "groupnorm(groups=8,eps=1e-3),frn".
+    items = [v.strip() for v in re.split(r",(?![^()]*\))", value) if v.strip()]
     if not items:
         raise typer.BadParameter("expected a comma-separated list of names")
     return items
@@ -253,7 +255,7 @@ def list_(
     """List registered norms, optimizers, models, suites or corruptions."""
     from normbench.corruptions import CORRUPTIONS
     from normbench.models import MODELS
-    from normbench.norms import NORMS
+    from normbench.norms import NORMS, norm_options
     from normbench.optim import OPTIMIZERS
     from normbench.suites import SUITES
 
@@ -265,9 +267,15 @@ def list_(
         "corruptions": CORRUPTIONS,
     }[kind.value]
     table = Table("name", "family", "capabilities", "description", title=kind.value)
+    if registry is NORMS:  # what can go in parentheses after the name: groupnorm(groups=8)
+        table.add_column("options")
     for name in registry.names(pattern):
-        info = registry.info(name)
-        table.add_row(name, info.family, ", ".join(sorted(info.capabilities)), info.description)
+        entry = registry.get(name)
+        info = entry.info
+        row = [name, info.family, ", ".join(sorted(info.capabilities)), info.description]
+        if registry is NORMS:
+            row.append(", ".join(f"{k}={v!r}" for k, v in norm_options(entry.obj).items()))
+        table.add_row(*row)
     out.print(table)
 
 
@@ -444,8 +452,8 @@ def bench_norms(
     named = _csv(norms)
     register_recorded(store, named)
     names = named or [n for n in NORMS.names() if not n.startswith("test-")]
-    for name in names:
-        NORMS.get(name)  # unknown names fail here, with the closest matches
+    # Unknown names fail here, with the closest matches; names with options become canonical.
+    names = [NORMS.info(name).name for name in names]
     dev = runtime.resolve_device(device)
     err.print(f"{len(names)} norm(s) in {MODEL}, batch {batch_size}, on {dev} "
               f"({torch.get_num_threads()} threads)")  # fmt: skip

@@ -111,6 +111,7 @@ def load_class(target: str) -> tuple[type[nn.Module], str]:
 
 
 def _owns_conv(cls) -> bool:
+    cls = getattr(cls, "func", cls)  # a functools.partial: a norm name with options
     return callable(getattr(cls, "block", None))
 
 
@@ -147,7 +148,8 @@ def _run_checks(cls: Callable[..., nn.Module]) -> list[Check]:
             torch.manual_seed(0)
             modules[c] = cls(c)
             if not isinstance(modules[c], nn.Module):
-                return f"{cls.__name__}({c}) is a {type(modules[c]).__name__}, not an nn.Module"
+                made = type(modules[c]).__name__
+                return f"{getattr(cls, '__name__', cls)}({c}) is a {made}, not an nn.Module"
         return None
 
     check("constructor takes num_channels first", construct)

@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench.errors import NormbenchError
-from normbench.norms import NORMS, OWNS_CONV, SKIPINIT, NormSpec, create_norm, norm_info
+from normbench.norms import (
+    NORMS,
+    OWNS_CONV,
+    SKIPINIT,
+    NormSpec,
+    create_norm,
+    norm_class,
+    norm_info,
+)
 from normbench.registry import Registry
 
 
@@ -61,19 +69,21 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
     and ``norm_name`` for the models that need them.
     """
     info = norm_info(norm)
-    target = norm.func if isinstance(norm, functools.partial) else norm
-    cls = NORMS.get(norm).obj if isinstance(norm, str) else target
+    # A name with options resolves to a partial of the class: its keywords go to ``block()``.
+    factory = NORMS.get(norm).obj if isinstance(norm, str) else norm
+    cls = norm_class(factory)
     owns_conv = info.has(OWNS_CONV) if info is not None else hasattr(cls, "block")
     skipinit = info is not None and info.has(SKIPINIT)
     # The model capabilities the norm needs to act as itself (see ``check_model_supports``).
     needs = ((CONV_BLOCKS, owns_conv), (RESIDUAL_GATE, skipinit))
     requires = frozenset(capability for capability, needed in needs if needed)
-    name = norm if isinstance(norm, str) else getattr(target, "__name__", repr(norm))
+    name = norm if isinstance(norm, str) else getattr(cls, "__name__", repr(norm))
 
     if owns_conv:
-        if isinstance(norm, functools.partial) and norm.args:
+        partial = isinstance(factory, functools.partial)
+        if partial and factory.args:
             raise TypeError(f"give the options of {name} as keywords, not positional arguments")
-        options = dict(norm.keywords) if isinstance(norm, functools.partial) else {}
+        options = dict(factory.keywords) if partial else {}
         options.update(norm_kwargs)
 
         def make(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
@@ -89,14 +99,14 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
     else:
 
         def make(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
-            norm_layer = create_norm(norm, out_channels, **norm_kwargs)
+            norm_layer = create_norm(factory, out_channels, **norm_kwargs)
             bias = next(norm_layer.parameters(), None) is None
             conv = nn.Conv2d(
                 in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=bias
             )
             return ConvThenNorm(OrderedDict(conv=conv, norm=norm_layer))
 
-        norm_layer = functools.partial(create_norm, norm, **norm_kwargs)
+        norm_layer = functools.partial(create_norm, factory, **norm_kwargs)
 
     # Builders that take torchvision's ``norm_layer(num_channels)`` argument use this.
     make.norm_layer = norm_layer

@@ -26,8 +26,12 @@ their precision, and ``torch.fft`` has no bfloat16 kernels).
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import functools
+import inspect
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -36,12 +40,82 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench.registry import EntryInfo, Registry
+from normbench.errors import NormbenchError
+from normbench.registry import Entry, EntryInfo, Registry
 
 NormFactory = Callable[..., nn.Module]
 NormSpec = str | NormFactory
 
-NORMS: Registry[NormFactory] = Registry("norm")
+#: Constructor arguments that the model's block sets (its shape), never the user.
+BLOCK_ARGUMENTS = ("num_channels", "in_channels", "kernel_size", "stride")
+_WITH_OPTIONS = re.compile(r"^\s*([^()\s]+)\s*\((.*)\)\s*$", re.DOTALL)
+
+
+def norm_options(factory: NormFactory) -> dict[str, Any]:
+    """The options of a norm class: its keyword constructor arguments and their defaults."""
+    parameters = inspect.signature(factory).parameters.values()
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.name not in BLOCK_ARGUMENTS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _parse_options(name: str) -> tuple[str, dict[str, Any]]:
+    """``groupnorm(groups=8)`` -> ("groupnorm", {"groups": 8}); a plain name has no options."""
+    match = _WITH_OPTIONS.match(name)
+    if match is None:
+        return name, {}
+    base, inside = match.groups()
+    usage = (
+        f"Norm options are keyword arguments with literal values, such as "
+        f"'groupnorm(groups=8,eps=1e-3)'; got {name!r}. `normbench list norms` shows each "
+        "norm's options."
+    )
+    try:
+        call = ast.parse(f"f({inside})", mode="eval").body
+        if not isinstance(call, ast.Call) or call.args:
+            raise ValueError
+        if any(k.arg is None for k in call.keywords):
+            raise ValueError
+        return base, {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError):
+        raise NormbenchError(usage) from None
+
+
+class NormRegistry(Registry[NormFactory]):
+    """The norm registry. A name may carry constructor options, ``groupnorm(groups=8)``: the entry
+    is then a ``functools.partial`` of the class, named canonically (sorted options, defaults
+    left out), so that one configuration is one leaderboard row however it was typed."""
+
+    def get(self, name: str) -> Entry[NormFactory]:
+        base, options = _parse_options(name)
+        entry = super().get(base)
+        if base == name:
+            return entry
+        known = norm_options(entry.obj)
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            offered = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+            raise NormbenchError(
+                f"Norm {base!r} has no option {', '.join(map(repr, unknown))}; its options "
+                f"(with defaults): {offered}."
+            )
+        options = {k: v for k, v in sorted(options.items()) if v != known[k]}
+        if not options:
+            return entry
+        factory = functools.partial(entry.obj, **options)
+        try:
+            factory(64)  # bad values are reported now, not when a model is half built
+        except Exception as err:  # noqa: BLE001 - any constructor error means a bad value
+            raise NormbenchError(
+                f"Norm {name!r} cannot be built with these options: {type(err).__name__}: {err}"
+            ) from None
+        canonical = f"{base}({','.join(f'{k}={v!r}' for k, v in options.items())})"
+        return Entry(factory, dataclasses.replace(entry.info, name=canonical))
+
+
+NORMS = NormRegistry("norm")
 register_norm = NORMS.register
 
 #: Capability flags a norm may declare in its registry info.
@@ -77,6 +151,8 @@ def group_count(num_channels: int, groups: int = 32) -> int:
     The gcd keeps every group the same size and never degenerates into one channel per group
     unless ``groups`` asks for it (32 groups on 48 channels gives 16 groups of 3).
     """
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, not {groups!r}")
     return math.gcd(groups, num_channels)
 
 
@@ -572,12 +648,18 @@ def create_norm(spec: NormSpec, num_channels: int, **kwargs: Any) -> nn.Module:
     return factory(num_channels, **kwargs)
 
 
+def norm_class(spec: NormSpec) -> NormFactory:
+    """The class (or factory) behind a norm name, with or without options, or a partial."""
+    factory = NORMS.get(spec).obj if isinstance(spec, str) else spec
+    return factory.func if isinstance(factory, functools.partial) else factory
+
+
 def norm_info(spec: NormSpec) -> EntryInfo | None:
     """Registry info of a norm given by name, by a registered class or by a ``functools.partial``
     of one; ``None`` for unregistered classes and factories."""
     if isinstance(spec, str):
         return NORMS.info(spec)
-    target = spec.func if isinstance(spec, functools.partial) else spec
+    target = norm_class(spec)
     return next((entry.info for entry in NORMS if entry.obj is target), None)
 
 

@@ -99,7 +99,8 @@ def register(submission: Submission) -> None:
 def register_recorded(store: Store, names: list[str] | None) -> None:
     """Register the recorded submissions among ``names`` (others are left alone, so one whose
     code no longer imports only stops the runs that ask for it)."""
-    wanted = [n for n in names or () if n.startswith(NAMESPACE) and n not in NORMS]
+    bases = {n.partition("(")[0].strip() for n in names or ()}  # without any options
+    wanted = [n for n in bases if n.startswith(NAMESPACE) and n not in NORMS]
     if not wanted:
         return
     with store.session() as s:

@@ -30,7 +30,7 @@ from normbench.corruptions.sets import prepare_cifar10_c
 from normbench.data import NORMALIZATION, TensorLoader, load_dataset
 from normbench.metrics import Evaluation, MetricRow
 from normbench.models import conv_norm_factory, create_model, parameter_count
-from normbench.norms import NORMS
+from normbench.norms import norm_class
 from normbench.optim import create_optimizer, lr_factor
 from normbench.robustness import aggregate_rows
 from normbench.runtime import autocast_dtype, peak_memory_mb
@@ -105,7 +105,7 @@ def evaluate(
 
 def norm_source_sha256(norm: str) -> str | None:
     try:
-        source = inspect.getsource(NORMS.get(norm).obj)
+        source = inspect.getsource(norm_class(norm))
     except (OSError, TypeError):
         return None
     return hashlib.sha256(source.encode()).hexdigest()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import invoke, leaderboard_json, tiny_suite
 from torch import nn
 
 from normbench.errors import NormbenchError
@@ -467,3 +468,81 @@ def test_block_factory_accepts_owning_classes_and_partials():
     factory = conv_norm_factory(Unregistered)
     assert factory.owns_conv and not factory.skipinit
     assert isinstance(factory(3, 8), Unregistered)
+
+
+# --- Norm options in names ------------------------------------------------------------------------
+
+
+def test_norm_options_in_a_name_reach_the_layers_under_one_canonical_name():
+    entry = NORMS.get(" groupnorm( eps = 1e-3, groups = 4 ) ")
+    assert entry.info.name == "groupnorm(eps=0.001,groups=4)"
+    assert entry.info.family == "group" and entry.info.has(AFFINE)
+    # Options equal to their defaults are left out, so they name the plain norm's row.
+    assert NORMS.get("groupnorm(groups=32)").info.name == "groupnorm"
+    assert NORMS.get("groupnorm()").obj is NORMS.get("groupnorm").obj
+
+    def group_counts(name):
+        net = create_model("resnet20", block=conv_norm_factory(name), num_classes=10)
+        return {m.num_groups for m in net.modules() if isinstance(m, nn.GroupNorm)}
+
+    assert group_counts("groupnorm(groups=4)") == {4}
+    assert group_counts("groupnorm") == {16, 32}  # gcd(32, C) for C = 16, 32, 64
+    assert group_counts("sws_gn(groups=2)") == {2}  # a norm that owns its conv gets them too
+    net = create_model(
+        "resnet20", block=conv_norm_factory("convnorm(rampdown_steps=7)"), num_classes=10
+    )
+    assert {m.rampdown_steps for m in net.modules() if isinstance(m, ConvNorm)} == {7}
+    x = inputs(c=16)
+    assert torch.equal(
+        create_norm("groupnorm(groups=16)", 16)(x), create_norm("groupnorm", 16, groups=16)(x)
+    )
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("groupnorm(grups=4)", "Norm 'groupnorm' has no option 'grups'; its options .*groups=32"),
+        ("groupnorm(4)", "keyword arguments with literal values"),
+        ("groupnorm(groups=four)", "keyword arguments with literal values"),
+        ("groupnorm(groups=0)", "cannot be built with these options: .*positive integer"),
+        ("frn(groups=4)", "Norm 'frn' has no option 'groups'"),
+        ("grupnorm(groups=4)", "Unknown norm 'grupnorm'. Did you mean 'groupnorm'"),
+    ],
+)
+def test_bad_norm_options_are_refused_with_the_reason(name, message):
+    with pytest.raises(NormbenchError, match=message):
+        NORMS.get(name)
+
+
+def test_suite_plans_and_files_take_norm_options(tmp_path):
+    runs = plan(
+        load_suite("cifar10"), "cpu", norms=["groupnorm( groups=8 )", "frn"], optimizers=["sgd"]
+    )
+    assert [run.norm for run in runs] == ["groupnorm(groups=8)", "frn"]
+    suite = tmp_path / "options.toml"
+    text = load_suite("cifar10").path.read_text()
+    suite.write_text(text.replace('"groupnorm"', '"groupnorm(groups=8)"', 1))
+    assert "groupnorm(groups=8)" in load_suite(str(suite)).spec.norms
+    suite.write_text(text.replace('"groupnorm"', '"groupnorm(grups=8)"', 1))
+    with pytest.raises(NormbenchError, match=r"norms\[\d+\]: Norm 'groupnorm' has no option"):
+        load_suite(str(suite))
+
+
+def test_a_norm_with_options_trains_into_its_own_leaderboard_row(cifar_dir, tmp_path):
+    suite, db = tiny_suite(tmp_path), tmp_path / "results.db"
+    args = ("run", f"--suite={suite}", "--budget=smoke", "--optimizers=sgd", f"--db={db}")
+    result = invoke(*args, "--norms=groupnorm(groups=2, eps=1e-3),groupnorm(groups=32)")
+    assert result.exit_code == 0, result.output
+    rows = {r["norm"]: r for r in leaderboard_json(str(db), suite=str(suite))}
+    assert set(rows) == {"groupnorm(eps=0.001,groups=2)", "groupnorm"}
+    assert all(r["status"] == "1 finished" for r in rows.values())
+    # The same configuration spelled another way is the same run: nothing new to do.
+    again = invoke(*args, "--norms=groupnorm(eps=0.001,groups=2)")
+    assert again.exit_code == 0 and "skip" in again.output.lower(), again.output
+    bad = invoke(*args, "--norms=groupnorm(grups=2)")
+    assert bad.exit_code == 2 and "has no option 'grups'" in bad.output
+
+    from dashboard.data import norm_info
+
+    info = norm_info("groupnorm(eps=0.001,groups=2)")
+    assert info.registered and info.family == "group" and "class GroupNorm" in info.source

@@ -24,7 +24,7 @@ import pydantic
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from normbench.errors import NormbenchError, SuiteError, UnknownNameError
+from normbench.errors import NormbenchError, SuiteError
 from normbench.models import MODELS, check_model_supports, conv_norm_factory
 from normbench.norms import NORMS
 from normbench.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_RULE
@@ -124,9 +124,10 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 
 def _check_name(registry: Registry, name: str, path: Path, key: str) -> None:
-    if name not in registry:
-        unknown = UnknownNameError(registry.kind, name, registry.closest(name), registry.names())
-        raise SuiteError(f"{path}: {key}: {unknown}")
+    try:
+        registry.get(name)  # a norm name may carry options: the norm registry parses them
+    except NormbenchError as err:
+        raise SuiteError(f"{path}: {key}: {err}") from None
 
 
 def _check_hparams(path: Path, key: str, optimizer: str, hparams: dict[str, Any]) -> None:
@@ -286,11 +287,11 @@ def plan(
 ) -> list[RunSpec]:
     """Expand a suite at one budget into run specs (norm-major order, then optimizer, then seed)."""
     b = suite.budget(budget)
-    norms = norms or list(suite.spec.norms)
+    # Canonical names: "groupnorm(groups=8)" however spelled, so one configuration is one row.
+    norms = [NORMS.info(norm).name for norm in norms or suite.spec.norms]
     optimizers = optimizers or list(suite.spec.optimizers)
     seeds = list(suite.spec.seeds) if seeds is None else seeds
     for norm in norms:
-        NORMS.get(norm)
         # Refused up front, so a suite never stops halfway on a combination that cannot run.
         check_model_supports(b.model, conv_norm_factory(norm))
     for opt in optimizers:
