@@ -52,8 +52,12 @@ _WITH_OPTIONS = re.compile(r"^\s*([^()\s]+)\s*\((.*)\)\s*$", re.DOTALL)
 
 
 def norm_options(factory: NormFactory) -> dict[str, Any]:
-    """The options of a norm class: its keyword constructor arguments and their defaults."""
-    parameters = inspect.signature(factory).parameters.values()
+    """The options of a norm class: its keyword constructor arguments and their defaults (none
+    known for a constructor without a readable signature)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return {}
     return {
         p.name: p.default
         for p in parameters
