@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from normbench.errors import NormbenchError
+from normbench.norms import norm_class
 
 #: Channel counts every check is run with (48 is not a multiple of 32: group rules get tested).
 CHANNELS = (16, 48)
@@ -111,8 +112,8 @@ def load_class(target: str) -> tuple[type[nn.Module], str]:
 
 
 def _owns_conv(cls) -> bool:
-    cls = getattr(cls, "func", cls)  # a functools.partial: a norm name with options
-    return callable(getattr(cls, "block", None))
+    # norm_class unwraps a partial (a norm name with options) to the class that has block()
+    return callable(getattr(norm_class(cls), "block", None))
 
 
 def _describe(err: BaseException) -> str:

@@ -68,9 +68,13 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
     argument), ``owns_conv``, ``skipinit``, ``requires`` (the model capabilities the norm needs)
     and ``norm_name`` for the models that need them.
     """
-    info = norm_info(norm)
-    # A name with options resolves to a partial of the class: its keywords go to ``block()``.
-    factory = NORMS.get(norm).obj if isinstance(norm, str) else norm
+    # A name is looked up once; with options it resolves to a partial of the class, whose
+    # keywords go to ``block()``.
+    if isinstance(norm, str):
+        entry = NORMS.get(norm)
+        info, factory = entry.info, entry.obj
+    else:
+        info, factory = norm_info(norm), norm
     cls = norm_class(factory)
     owns_conv = info.has(OWNS_CONV) if info is not None else hasattr(cls, "block")
     skipinit = info is not None and info.has(SKIPINIT)

@@ -65,7 +65,7 @@ def norm_options(factory: NormFactory) -> dict[str, Any]:
     }
 
 
-def _parse_options(name: str) -> tuple[str, dict[str, Any]]:
+def parse_norm_name(name: str) -> tuple[str, dict[str, Any]]:
     """``groupnorm(groups=8)`` -> ("groupnorm", {"groups": 8}); a plain name has no options."""
     match = _WITH_OPTIONS.match(name)
     if match is None:
@@ -93,7 +93,7 @@ class NormRegistry(Registry[NormFactory]):
     left out), so that one configuration is one leaderboard row however it was typed."""
 
     def get(self, name: str) -> Entry[NormFactory]:
-        base, options = _parse_options(name)
+        base, options = parse_norm_name(name)
         entry = super().get(base)
         if base == name:
             return entry

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from normbench import config
 from normbench.contract import ContractReport, load_class, parse_target, run_contract
 from normbench.errors import NormbenchError
-from normbench.norms import NORMS
+from normbench.norms import NORMS, parse_norm_name
 from normbench.registry import EntryInfo
 from normbench.store import Store, Submission
 
@@ -99,7 +99,7 @@ def register(submission: Submission) -> None:
 def register_recorded(store: Store, names: list[str] | None) -> None:
     """Register the recorded submissions among ``names`` (others are left alone, so one whose
     code no longer imports only stops the runs that ask for it)."""
-    bases = {n.partition("(")[0].strip() for n in names or ()}  # without any options
+    bases = {parse_norm_name(n)[0] for n in names or ()}  # without any options
     wanted = [n for n in bases if n.startswith(NAMESPACE) and n not in NORMS]
     if not wanted:
         return
