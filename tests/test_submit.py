@@ -16,11 +16,14 @@ import pytest
 from conftest import REPO
 from helpers import invoke, leaderboard_json, tiny_suite
 
-from normbench.contract import check_norm
+from normbench.contract import check_norm, load_class
 from normbench.norms import NORMS
 from normbench.store import open_store
 
 EXAMPLE = REPO / "examples" / "channel_layernorm.py"
+#: BatchNorm with the test batch's statistics in eval mode: breaks only the batch-independence rule.
+ADAPTS_TO_ITS_BATCH = REPO / "tests" / "fixtures" / "batch_stats_in_eval.py"
+EVAL_RULE = "eval output of a sample does not depend on its batch"
 HEADER = "import torch\nfrom torch import nn\n\n\n"
 
 
@@ -139,6 +142,20 @@ def test_check_reports_each_rule(tmp_path):
     assert result.exit_code == 0 and "Contract holds" in result.output
     result = invoke("check", "rmsnrom")
     assert result.exit_code == 2 and "Did you mean 'rmsnorm'?" in result.output
+
+
+def test_a_norm_that_uses_batch_statistics_in_eval_mode_is_rejected(db):
+    target = f"{ADAPTS_TO_ITS_BATCH}:BatchAdaptedNorm"
+    report = check_norm(load_class(target)[0], target, measure_costs=False)
+    assert [c.name for c in report.checks if not c.passed] == [EVAL_RULE]  # all else holds
+    result = invoke("check", target)
+    assert result.exit_code == 2 and EVAL_RULE in " ".join(result.output.split()), result.output
+    before = digest(db)
+    result = invoke("submit", target, "--suite=cifar10", "--budget=smoke", f"--db={db}")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "rejected" in text and EVAL_RULE in text, result.output
+    assert "batch statistics at test time" in text and "not allowed silently" in text
+    assert digest(db) == before
 
 
 def test_contract_holds_for_every_registered_norm():
