@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import enum
-import hashlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,7 +330,7 @@ def norm_info(name: str, engine: Engine | None = None) -> NormInfo:
         if row is not None:
             return _submitted_info(name, *row)
     from normbench.errors import NormbenchError
-    from normbench.norms import NORMS, norm_class
+    from normbench.norms import NORMS, norm_class, norm_source_sha256
 
     try:
         entry = NORMS.get(name)  # also a name with options, such as groupnorm(groups=8)
@@ -341,7 +340,8 @@ def norm_info(name: str, engine: Engine | None = None) -> NormInfo:
         source = inspect.getsource(norm_class(entry.obj))
     except (OSError, TypeError):
         source = ""
-    digest = hashlib.sha256(source.encode()).hexdigest() if source else ""
+    # The digest runs record: every source file the layer's behaviour depends on.
+    digest = norm_source_sha256(entry.obj) or ""
     info = entry.info
     return NormInfo(
         name, True, info.description, info.family, tuple(sorted(info.capabilities)), source, digest

@@ -8,10 +8,21 @@ replace the pair (ConvNorm) own their convolution and build the whole pair throu
 SkipInit: a factory for a norm with the ``skipinit`` capability says so, and residual blocks then
 gate their residual branch with a learnable scalar initialised to 0.
 
+Activations belong to the block too: a model passes the activation that follows each conv-norm
+pair (``act=nn.ReLU``, ``act=nn.GELU``) or none. The rule for norms that carry their own
+nonlinearity (capability ``act``: FRN's TLU, the EvoNorms), as in the papers' ResNets and timm's
+``norm_act`` layers:
+
+- a block built for such a norm applies the norm's nonlinearity *instead of* the model's, so no
+  ReLU/GELU ever follows a TLU;
+- the last norm of a residual branch (before the addition), which the model builds with no
+  activation, is built with ``apply_act=False``; the activation after the addition is the model's.
+
 Models state what they do with the factory as capabilities, and a norm that needs one the model
 lacks is refused with a message before anything is built (``check_model_supports``): a norm that
-owns its convolution needs a model that builds every convolution through the factory, and SkipInit
-needs residual branches to gate. Without the check such a norm would run as another norm (or as
+owns its convolution needs a model that builds every convolution through the factory, SkipInit
+needs residual branches to gate, and a norm with its own nonlinearity needs a model whose
+activations go through the factory. Without the check such a norm would run as another norm (or as
 ``none``) and give a misleading row.
 """
 
@@ -28,6 +39,7 @@ from torch import nn
 
 from normbench.errors import NormbenchError
 from normbench.norms import (
+    ACT,
     NORMS,
     OWNS_CONV,
     SKIPINIT,
@@ -40,10 +52,16 @@ from normbench.registry import Registry
 
 
 class BlockFactory(Protocol):
-    """Builds the module for ``conv(in_channels -> out_channels, kernel, stride)`` + its norm."""
+    """Builds the module for ``conv(in_channels -> out_channels, kernel, stride)`` + its norm +
+    ``act`` (the model's activation class after the pair, or ``None`` where none follows)."""
 
     def __call__(
-        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        act: type[nn.Module] | None = None,
     ) -> nn.Module: ...
 
 
@@ -51,22 +69,27 @@ class BlockFactory(Protocol):
 CONV_BLOCKS = "conv_blocks"
 #: Model capability: residual branches are gated by SkipInit's learnable scalar.
 RESIDUAL_GATE = "residual_gate"
+#: Model capability: every activation after a norm is built by the block factory (a norm with its
+#: own nonlinearity replaces it).
+NORM_ACT = "norm_act"
 
 
-class ConvThenNorm(nn.Sequential):
-    """A convolution followed by a normalization layer (the default block)."""
+class ConvNormAct(nn.Sequential):
+    """A convolution, a normalization layer and, where the model has one there, its activation
+    (the default block; ``conv``, ``norm``, ``act``)."""
 
 
 def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
     """The default block factory: ``nn.Conv2d`` (same padding) followed by ``create_norm(norm)``,
-    or the norm's own ``block()`` when it owns its convolution.
+    or the norm's own ``block()`` when it owns its convolution, then the model's activation, or
+    the norm's own (``apply_act``) for a norm with the ``act`` capability.
 
     A norm without any parameters cannot shift its output, so its convolution gets a bias; a norm
     with an affine shift makes a convolution bias redundant.
 
     The factory carries ``norm_layer`` (torchvision's per-channel ``norm_layer(num_channels)``
-    argument), ``owns_conv``, ``skipinit``, ``requires`` (the model capabilities the norm needs)
-    and ``norm_name`` for the models that need them.
+    argument), ``owns_conv``, ``skipinit``, ``own_act``, ``requires`` (the model capabilities the
+    norm needs) and ``norm_name`` for the models that need them.
     """
     # A name is looked up once; with options it resolves to a partial of the class, whose
     # keywords go to ``block()``.
@@ -78,8 +101,9 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
     cls = norm_class(factory)
     owns_conv = info.has(OWNS_CONV) if info is not None else hasattr(cls, "block")
     skipinit = info is not None and info.has(SKIPINIT)
+    own_act = info.has(ACT) if info is not None else ACT in getattr(cls, "capabilities", ())
     # The model capabilities the norm needs to act as itself (see ``check_model_supports``).
-    needs = ((CONV_BLOCKS, owns_conv), (RESIDUAL_GATE, skipinit))
+    needs = ((CONV_BLOCKS, owns_conv), (RESIDUAL_GATE, skipinit), (NORM_ACT, own_act))
     requires = frozenset(capability for capability, needed in needs if needed)
     name = norm if isinstance(norm, str) else getattr(cls, "__name__", repr(norm))
 
@@ -90,8 +114,12 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
         options = dict(factory.keywords) if partial else {}
         options.update(norm_kwargs)
 
-        def make(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
-            return cls.block(in_channels, out_channels, kernel_size, stride, **options)
+        def make(in_channels, out_channels, kernel_size=3, stride=1, act=None):
+            own = {"apply_act": act is not None} if own_act else {}
+            module = cls.block(in_channels, out_channels, kernel_size, stride, **options, **own)
+            if act is None or own_act:
+                return module
+            return nn.Sequential(OrderedDict(block=module, act=act()))
 
         def norm_layer(num_channels: int) -> nn.Module:
             raise NormbenchError(
@@ -102,13 +130,17 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
 
     else:
 
-        def make(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
-            norm_layer = create_norm(factory, out_channels, **norm_kwargs)
+        def make(in_channels, out_channels, kernel_size=3, stride=1, act=None):
+            own = {"apply_act": act is not None} if own_act else {}
+            norm_layer = create_norm(factory, out_channels, **norm_kwargs, **own)
             bias = next(norm_layer.parameters(), None) is None
             conv = nn.Conv2d(
                 in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=bias
             )
-            return ConvThenNorm(OrderedDict(conv=conv, norm=norm_layer))
+            layers = OrderedDict(conv=conv, norm=norm_layer)
+            if act is not None and not own_act:
+                layers["act"] = act()
+            return ConvNormAct(layers)
 
         norm_layer = functools.partial(create_norm, factory, **norm_kwargs)
 
@@ -116,6 +148,7 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
     make.norm_layer = norm_layer
     make.owns_conv = owns_conv
     make.skipinit = skipinit
+    make.own_act = own_act
     make.requires = requires
     make.norm_name = name
     return make
@@ -131,6 +164,8 @@ _NEEDS = {
     "takes a per-channel norm layer",
     RESIDUAL_GATE: "gates residual branches (SkipInit), but model {model!r} has no residual "
     "branches, so it would train as 'none'",
+    NORM_ACT: "applies its own nonlinearity, but model {model!r} applies its own activation after "
+    "every norm, so both would run",
 }
 
 
@@ -157,7 +192,8 @@ def create_model(name: str, *, block: BlockFactory, num_classes: int, **kwargs: 
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-norm layers with an option-A (parameter-free) shortcut.
+    """Two 3x3 conv-norm layers with an option-A (parameter-free) shortcut: conv-norm-ReLU,
+    conv-norm (no activation before the addition), add, ReLU.
 
     With a SkipInit factory the residual branch is multiplied by ``skip_gain``, a learnable scalar
     initialised to 0 (De & Smith 2020), so every block starts as its shortcut.
@@ -165,8 +201,9 @@ class BasicBlock(nn.Module):
 
     def __init__(self, block: BlockFactory, in_channels: int, out_channels: int, stride: int):
         super().__init__()
-        self.conv1 = block(in_channels, out_channels, 3, stride)
-        self.conv2 = block(out_channels, out_channels, 3, 1)
+        self.conv1 = block(in_channels, out_channels, 3, stride, act=nn.ReLU)
+        self.conv2 = block(out_channels, out_channels, 3, 1)  # the branch's last norm: no act
+        self.act = nn.ReLU()
         self.stride, self.extra_channels = stride, out_channels - in_channels
         # 0-dim, so the weight-decay rule (tensors with fewer than 2 dims) never decays it.
         skipinit = getattr(block, "skipinit", False)
@@ -183,10 +220,10 @@ class BasicBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv2(F.relu(self.conv1(x)))
+        out = self.conv2(self.conv1(x))
         if self.skip_gain is not None:
             out = self.skip_gain * out
-        return F.relu(out + self.shortcut(x))
+        return self.act(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -198,7 +235,7 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         widths = [width, 2 * width, 4 * width]
-        self.stem = block(3, widths[0], 3, 1)
+        self.stem = block(3, widths[0], 3, 1, act=nn.ReLU)
         layers: list[nn.Module] = []
         in_channels = widths[0]
         for stage, out_channels in enumerate(widths):
@@ -213,7 +250,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(F.relu(self.stem(x)))
+        x = self.layers(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
@@ -221,7 +258,7 @@ class CifarResNet(nn.Module):
     "resnet20",
     description="CIFAR ResNet-20 (He et al. 2016), option-A shortcuts, 0.27M parameters.",
     family="resnet",
-    capabilities={CONV_BLOCKS, RESIDUAL_GATE},
+    capabilities={CONV_BLOCKS, RESIDUAL_GATE, NORM_ACT},
 )
 def resnet20(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
     return CifarResNet(20, block=block, num_classes=num_classes)
@@ -231,7 +268,7 @@ def resnet20(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
     "resnet56",
     description="CIFAR ResNet-56 (He et al. 2016), option-A shortcuts, 0.85M parameters.",
     family="resnet",
-    capabilities={CONV_BLOCKS, RESIDUAL_GATE},
+    capabilities={CONV_BLOCKS, RESIDUAL_GATE, NORM_ACT},
 )
 def resnet56(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
     return CifarResNet(56, block=block, num_classes=num_classes)
@@ -250,23 +287,21 @@ class FastNet(nn.Module):
     def __init__(self, *, block: BlockFactory, num_classes: int, widths: Sequence[int]):
         super().__init__()
         stem_width, *stage_widths = widths
-        self.stem = block(3, stem_width, 3, 1)
+        self.stem = block(3, stem_width, 3, 1, act=nn.GELU)
         stages: list[nn.Module] = []
         in_channels = stem_width
         for w in stage_widths:
             stages += [
                 nn.MaxPool2d(2),
-                block(in_channels, w, 3, 1),
-                nn.GELU(),
-                block(w, w, 3, 1),
-                nn.GELU(),
+                block(in_channels, w, 3, 1, act=nn.GELU),
+                block(w, w, 3, 1, act=nn.GELU),
             ]
             in_channels = w
         self.stages = nn.Sequential(*stages)
         self.head = nn.Linear(in_channels, num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(F.gelu(self.stem(x)))
+        x = self.stages(self.stem(x))
         return self.head(torch.flatten(F.adaptive_max_pool2d(x, 1), 1))
 
 
@@ -275,7 +310,7 @@ class FastNet(nn.Module):
     description="Small fast CIFAR net (7 conv layers, widths 32-64-128-256, 1.2M parameters) "
     "for CPU budgets.",
     family="vgg",
-    capabilities={CONV_BLOCKS},
+    capabilities={CONV_BLOCKS, NORM_ACT},
 )
 def fastnet(
     *, block: BlockFactory, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128, 256)

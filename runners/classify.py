@@ -9,8 +9,6 @@ A non-finite loss stops the run with status ``diverged`` and the step where it h
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
 import os
 import time
 from collections.abc import Callable
@@ -30,7 +28,7 @@ from normbench.corruptions.sets import prepare_cifar10_c
 from normbench.data import NORMALIZATION, TensorLoader, load_dataset
 from normbench.metrics import Evaluation, MetricRow
 from normbench.models import conv_norm_factory, create_model, parameter_count
-from normbench.norms import norm_class
+from normbench.norms import norm_source_sha256
 from normbench.optim import create_optimizer, lr_factor
 from normbench.robustness import aggregate_rows
 from normbench.runtime import autocast_dtype, peak_memory_mb
@@ -101,14 +99,6 @@ def evaluate(
     accuracy, loss, ece = M.classification_metrics(torch.cat(logits).cpu(), torch.cat(labels).cpu())
     rate = timed_images / elapsed if elapsed > 0 else float("nan")
     return Evaluation(accuracy, loss, ece, rate)
-
-
-def norm_source_sha256(norm: str) -> str | None:
-    try:
-        source = inspect.getsource(norm_class(norm))
-    except (OSError, TypeError):
-        return None
-    return hashlib.sha256(source.encode()).hexdigest()
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 from normbench.errors import NormbenchError
 from normbench.models import BasicBlock, conv_norm_factory, create_model
 from normbench.norms import (
+    ACT,
     AFFINE,
     BATCH_STATS,
     NORMS,
@@ -33,9 +34,9 @@ from normbench.suites import load_suite, plan
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ZOO = {
-    "frn": ("frn", {AFFINE}),
-    "evonorm_b0": ("evonorm", {BATCH_STATS, AFFINE}),
-    "evonorm_s0": ("evonorm", {AFFINE}),
+    "frn": ("frn", {AFFINE, ACT}),
+    "evonorm_b0": ("evonorm", {BATCH_STATS, AFFINE, ACT}),
+    "evonorm_s0": ("evonorm", {AFFINE, ACT}),
     "variancenorm": ("batch", {BATCH_STATS, AFFINE}),
     "rmsnorm": ("group", {AFFINE}),
     "weightnorm": ("weight", {WEIGHT, OWNS_CONV}),
@@ -353,7 +354,7 @@ def test_convnorm_running_preconditioner():
 def test_convnorm_affine_starts_as_identity_and_is_kept_by_model_init():
     torch.manual_seed(0)
     net = create_model("resnet20", block=conv_norm_factory("convnorm"), num_classes=10)
-    block = net.stem
+    block = net.stem.block  # ConvNorm, then the ReLU the block factory adds
     x = torch.randn(2, 3, 8, 8)
     z = block.preconditioned_conv(x)
     assert torch.allclose(
