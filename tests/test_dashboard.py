@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import REPO, shared_data_dir
+from conftest import REPO, shared_data_dir, skip_or_fail
 from helpers import invoke, tiny_suite
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
@@ -219,8 +219,11 @@ def wait_healthy(url: str, process, seconds: float = 90) -> None:
 
 def test_in_a_real_browser(results_db, tmp_path):
     if not CHROMIUM.exists():
-        pytest.skip("no Chromium at /usr/bin/chromium (apt-get install chromium chromium-driver)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+        skip_or_fail("no Chromium at /usr/bin/chromium (apt-get install chromium chromium-driver)")
+    try:
+        from playwright import sync_api as playwright
+    except ImportError:
+        skip_or_fail("playwright is not installed (pip install playwright, or the dev extra)")
     import subprocess
     import sys
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import skip_or_fail
 from helpers import leaderboard_json, smoke_run
 from PIL import Image
 from sqlalchemy import select
@@ -19,7 +20,7 @@ from normbench.store import Metric, Run, open_store
 @pytest.fixture
 def imagenette(cifar_dir):
     if not (cifar_dir / "imagenette-mini" / "val").is_dir():
-        pytest.skip("imagenette-mini not found next to the CIFAR-10 mirror")
+        skip_or_fail(f"imagenette-mini not found next to the CIFAR-10 mirror (in {cifar_dir})")
     return cifar_dir
 
 
