@@ -65,6 +65,32 @@ def test_weight_decay_rule_uses_affine_parameters_not_names():
     assert len(decay["params"]) == n_conv_linear
 
 
+@pytest.mark.parametrize(
+    ("norm", "model"),
+    [(n, "resnet20") for n in ("batchnorm", "frn", "evonorm_b0", "convnorm", "sws_gn",
+                               "weightnorm", "skipinit", "none")]
+    + [("groupnorm", "resnet18")],
+)  # fmt: skip
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_weight_decay_groups_hold_exactly_the_conv_and_linear_kernels(norm, model, optimizer):
+    net = create_model(model, block=conv_norm_factory(norm), num_classes=10)
+    decay, no_decay = create_optimizer(optimizer, net, lr=0.1, weight_decay=1e-3).param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (1e-3, 0.0)
+    # Expected from the modules themselves: the kernel of every convolution (norms that own theirs
+    # included) and linear layer is decayed; every other tensor (biases, norm scales and shifts,
+    # ConvNorm's 4-D depthwise affine kernel, SWS gains, SkipInit gates) is not.
+    kernels = {id(m.weight) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    everything = {id(p) for p in net.parameters()}
+    assert [id(p) for p in decay["params"]] == [id(p) for p in net.parameters() if id(p) in kernels]
+    assert {id(p) for p in no_decay["params"]} == everything - kernels
+    assert len(decay["params"]) + len(no_decay["params"]) == len(everything)  # each tensor once
+    norm_cls = NORMS.get(norm).obj
+    for m in net.modules():
+        if isinstance(m, norm_cls):
+            own = {id(p) for p in m.affine_parameters()}
+            assert own <= {id(p) for p in no_decay["params"]}
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_optimizers_step(name):
     net = create_model(

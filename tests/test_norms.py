@@ -23,8 +23,8 @@ def test_norm_contract_basics(name):
     params = {id(p) for p in norm.parameters()}
     assert {id(p) for p in affine_parameters(norm)} <= params
     norm.eval()
-    with torch.no_grad():
-        assert torch.equal(norm(x[:1]), norm(x[:1]))
+    with torch.no_grad():  # in eval mode a sample's output does not depend on its batch
+        assert torch.allclose(norm(x[:1]), norm(x)[:1], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", [n for n in NORMS.names() if NORMS.info(n).has("affine")])
