@@ -131,6 +131,7 @@ def evaluate_corruptions(
     result.info |= {
         "corruption_set": cset.source,
         "corruption_table": TABLE_VERSION,
+        "corruption_engine": cset.engine_version,
         "corruption_subset": spec.settings["corruption_subset"],
         "corruption_images_per_pair": cset.images_per_pair,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from normbench.corruptions import TABLE_VERSION, corrupt
 from normbench.corruptions.sets import (
+    ENGINE_VERSION,
     N_TEST,
     generate,
     generated_root,
@@ -17,10 +19,12 @@ from normbench.corruptions.sets import (
     open_official,
     prepare_cifar10_c,
 )
-from normbench.data import load_cifar10
+from normbench.data import load_cifar10, sha256_file
 from normbench.errors import DataError
 
 TWO = ("contrast", "gaussian_noise")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_generated_set_layout_manifest_and_reuse(cifar_dir, fresh_cache):
@@ -29,6 +33,7 @@ def test_generated_set_layout_manifest_and_reuse(cifar_dir, fresh_cache):
     assert cset.source == "generated" and cset.root == root
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["table_version"] == TABLE_VERSION and manifest["seed"] == 0
+    assert manifest["engine_version"] == ENGINE_VERSION == cset.engine_version
     assert set(manifest["sha256"]) == {"labels", *TWO}
     array = np.load(root / "gaussian_noise.npy", mmap_mode="r")
     assert array.shape == (50_000, 32, 32, 3) and array.dtype == np.uint8
@@ -40,6 +45,10 @@ def test_generated_set_layout_manifest_and_reuse(cifar_dir, fresh_cache):
     block = cset.load("contrast", 3)
     assert torch.equal(block.images, corrupt(test.images, "contrast", 3))
     assert block.labels.tolist()[:3] == [3, 8, 8]
+    # A random corruption gives each test image the bytes it gets alone, from its test index.
+    picked = torch.tensor([0, 4321, 9999])
+    noisy = cset.load("gaussian_noise", 2).images[picked]
+    assert torch.equal(noisy, corrupt(test.images[picked], "gaussian_noise", 2, 0, picked))
 
     # A valid cache is reused as it is; the same seed regenerates identical files.
     mtime = (root / "contrast.npy").stat().st_mtime_ns
@@ -68,7 +77,29 @@ def test_stale_or_damaged_generated_files_are_never_mixed(cifar_dir, fresh_cache
     )
 
 
-def test_unreadable_manifest_names_the_file(cifar_dir, fresh_cache):
+def test_cache_of_an_older_engine_is_regenerated_and_says_so(cifar_dir, fresh_cache, caplog):
+    prepare_cifar10_c(corruptions=("gaussian_noise",))
+    root = generated_root()
+    manifest = json.loads((root / "manifest.json").read_text())
+    new_bytes = manifest["sha256"]["gaussian_noise"]
+    # What an older engine left: other bytes, its own version in the manifest.
+    np.save(root / "gaussian_noise.npy", np.zeros((50_000, 32, 32, 3), np.uint8))
+    manifest["engine_version"] = ENGINE_VERSION - 1
+    manifest["sha256"]["gaussian_noise"] = sha256_file(root / "gaussian_noise.npy")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert open_generated(root, 0, ("gaussian_noise",)) is None
+    with caplog.at_level(logging.WARNING, logger="normbench.corruptions.sets"):
+        fresh = prepare_cifar10_c(corruptions=("gaussian_noise",))
+    message = caplog.text
+    assert f"made by engine version {ENGINE_VERSION - 1} with parameter table {TABLE_VERSION}" in (
+        message
+    )
+    assert f"this is engine version {ENGINE_VERSION}" in message and str(root) in message
+    assert fresh.manifest["engine_version"] == ENGINE_VERSION
+    assert fresh.manifest["sha256"]["gaussian_noise"] == new_bytes  # regenerated, not reused
+
+
+def test_unreadable_manifest_names_the_file(fresh_cache):
     root = generated_root()
     root.mkdir(parents=True)
     (root / "manifest.json").write_text("{not json")

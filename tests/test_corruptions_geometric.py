@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from helpers import cifar_test_images
 
-from normbench.corruptions import CORRUPTIONS, corrupt, from_unit, to_unit
+from normbench.corruptions import CORRUPTIONS, ImageRng, corrupt, from_unit, to_unit
 from normbench.corruptions.geometric import (
     bilinear_sample,
     draw,
@@ -82,6 +82,11 @@ def _compare(images, params, jitter, noise) -> tuple[int, float]:
     return int(diff.max()), float((diff > 0).mean())
 
 
+def _streams(seed: int, n: int) -> ImageRng:
+    """``n`` per-image random streams (for tests that need draws, not those of ``corrupt``)."""
+    return ImageRng(range(1000 * seed, 1000 * seed + n))
+
+
 def test_registered():
     info = CORRUPTIONS.info(NAME)
     assert info.has("random")
@@ -89,12 +94,12 @@ def test_registered():
 
 @pytest.mark.parametrize("severity", SEVERITIES)
 def test_shape_dtype_and_determinism(images, severity):
-    a = corrupt(images, NAME, severity, torch.Generator().manual_seed(1))
-    b = corrupt(images, NAME, severity, torch.Generator().manual_seed(1))
-    c = corrupt(images, NAME, severity, torch.Generator().manual_seed(2))
+    a = corrupt(images, NAME, severity, 1)
+    b = corrupt(images, NAME, severity, 1)
+    c = corrupt(images, NAME, severity, 2)
     assert a.shape == images.shape and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, c)
-    f = corrupt(images.float() / 255, NAME, severity, torch.Generator().manual_seed(1))
+    f = corrupt(images.float() / 255, NAME, severity, 1)
     assert f.shape == images.shape and f.dtype == torch.float32
     assert f.min() >= 0 and f.max() <= 1
     assert torch.equal(from_unit(f, torch.uint8), a)  # float and uint8 paths agree
@@ -109,7 +114,7 @@ def test_severity_order(images):
     full, displacement_only = [], []
     for severity in SEVERITIES:
         params = CIFAR[NAME][severity - 1]
-        jitter, noise = draw(len(x), 32, 32, params[2], torch.Generator().manual_seed(0))
+        jitter, noise = draw(32, 32, params[2], _streams(0, len(x)))
         full.append((elastic_from_draws(x, params, jitter, noise) - x).abs().mean().item())
         still = elastic_from_draws(x, params, torch.zeros_like(jitter), noise)
         displacement_only.append((still - x).abs().mean().item())
@@ -120,15 +125,16 @@ def test_severity_order(images):
 
 def test_corrupt_uses_the_documented_draws(images):
     params = CIFAR[NAME][2]
-    jitter, noise = draw(len(images), 32, 32, params[2], torch.Generator().manual_seed(5))
+    streams = ImageRng.for_images(5, NAME, 3, range(len(images)))
+    jitter, noise = draw(32, 32, params[2], streams)
     expected = from_unit(elastic_from_draws(to_unit(images), params, jitter, noise), torch.uint8)
-    assert torch.equal(corrupt(images, NAME, 3, torch.Generator().manual_seed(5)), expected)
+    assert torch.equal(corrupt(images, NAME, 3, 5), expected)
 
 
 @pytest.mark.parametrize("severity", SEVERITIES)
 def test_matches_reference(images, severity):
     params = CIFAR[NAME][severity - 1]
-    jitter, noise = draw(len(images), 32, 32, params[2], torch.Generator().manual_seed(severity))
+    jitter, noise = draw(32, 32, params[2], _streams(severity, len(images)))
     max_diff, fraction = _compare(images, params, jitter, noise)
     assert max_diff <= MAX_LEVELS and fraction <= MAX_FRACTION, (max_diff, fraction)
 
@@ -138,7 +144,7 @@ def test_displacement_only_matches_map_coordinates(images, severity):
     """With zero affine jitter the warp is the identity, and what is left must match SciPy's
     gaussian_filter + map_coordinates alone (no OpenCV involved)."""
     alpha, sigma, _ = params = CIFAR[NAME][severity - 1]
-    jitter, noise = draw(len(images), 32, 32, params[2], torch.Generator().manual_seed(severity))
+    jitter, noise = draw(32, 32, params[2], _streams(severity, len(images)))
     ours = elastic_from_draws(to_unit(images), params, torch.zeros_like(jitter), noise)
     ours = from_unit(ours, torch.uint8).numpy().astype(np.int16)
     rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
@@ -160,7 +166,7 @@ def test_non_square_follows_the_reference_point_order(images):
     non-square crop against the reference (no table exists for it, so params are passed)."""
     crop = images[:8, :, :, :24].contiguous()
     params = CIFAR[NAME][2]
-    jitter, noise = draw(len(crop), 32, 24, params[2], torch.Generator().manual_seed(3))
+    jitter, noise = draw(32, 24, params[2], _streams(3, len(crop)))
     max_diff, fraction = _compare(crop, params, jitter, noise)
     assert max_diff <= MAX_LEVELS and fraction <= MAX_FRACTION, (max_diff, fraction)
 
@@ -169,10 +175,10 @@ def test_imagenet_size(images):
     big = F.interpolate(images[:2].float(), size=(224, 224), mode="bilinear", align_corners=False)
     big = big.round().clamp(0, 255).to(torch.uint8)
     for severity in SEVERITIES:
-        out = corrupt(big, NAME, severity, torch.Generator().manual_seed(0))
+        out = corrupt(big, NAME, severity, 0)
         assert out.shape == big.shape and out.dtype == torch.uint8
         params = IMAGENET[NAME][severity - 1]
-        jitter, noise = draw(2, 224, 224, params[2], torch.Generator().manual_seed(severity))
+        jitter, noise = draw(224, 224, params[2], _streams(severity, 2))
         max_diff, fraction = _compare(big, params, jitter, noise)
         assert max_diff <= MAX_LEVELS and fraction <= MAX_FRACTION, (severity, max_diff, fraction)
 
@@ -194,8 +200,8 @@ def test_bilinear_far_outside_the_image(mode):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu(images):
     for severity in SEVERITIES:
-        cpu = corrupt(images, NAME, severity, torch.Generator().manual_seed(0))
-        gpu = corrupt(images.cuda(), NAME, severity, torch.Generator().manual_seed(0)).cpu()
+        cpu = corrupt(images, NAME, severity, 0)
+        gpu = corrupt(images.cuda(), NAME, severity, 0).cpu()
         diff = (cpu.int() - gpu.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() <= MAX_FRACTION
 

@@ -2,8 +2,9 @@
 
 Besides the contract (shape, dtypes, range, seeding, severity ordering), every corruption is
 compared with an independent per-image NumPy / SciPy / scikit-image / OpenCV implementation of
-the reference script's algorithm, fed with the same random layers (drawn with the same seed
-through the module's ``*_draws`` helpers, so the comparison covers ``corrupt`` end to end).
+the reference script's algorithm, fed with the same random layers (drawn from the same per-image
+streams through the module's ``*_draws`` helpers, so the comparison covers ``corrupt`` end to
+end). Snow's motion blur is compared with the authors' own call of Wand over ImageMagick 6 Q16.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import skimage.filters
 import torch
 import torch.nn.functional as F
 from helpers import cifar_test_images
+from magick import require_wand, wand_motion_blur
 
-from normbench.corruptions import CORRUPTIONS, RANDOM, corrupt
+from normbench.corruptions import CORRUPTIONS, RANDOM, ImageRng, corrupt
 from normbench.corruptions import weather as W
 from normbench.corruptions.tables import CIFAR, IMAGENET
 from normbench.errors import NormbenchError
@@ -39,8 +41,9 @@ def images(cifar_dir) -> torch.Tensor:
     return cifar_test_images(str(cifar_dir), N)
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def _rng(seed: int, name: str, severity: int, n: int = N) -> ImageRng:
+    """The streams ``corrupt(images[:n], name, severity, seed)`` draws from."""
+    return ImageRng.for_images(seed, name, severity, range(n))
 
 
 def _hwc(images: torch.Tensor) -> np.ndarray:
@@ -59,12 +62,12 @@ def test_registered_as_random_weather_corruptions():
 @pytest.mark.parametrize("severity", SEVERITIES)
 @pytest.mark.parametrize("name", NAMES)
 def test_contract(images, name, severity):
-    y = corrupt(images, name, severity, generator=_gen(1))
+    y = corrupt(images, name, severity, seed=1)
     assert y.shape == images.shape and y.dtype == torch.uint8
-    assert torch.equal(y, corrupt(images, name, severity, generator=_gen(1)))
-    assert not torch.equal(y, corrupt(images, name, severity, generator=_gen(2)))
+    assert torch.equal(y, corrupt(images, name, severity, seed=1))
+    assert not torch.equal(y, corrupt(images, name, severity, seed=2))
     assert not torch.equal(y, images)
-    yf = corrupt(images.float() / 255, name, severity, generator=_gen(1))
+    yf = corrupt(images.float() / 255, name, severity, seed=1)
     assert yf.shape == images.shape and yf.dtype == torch.float32
     assert yf.min() >= 0 and yf.max() <= 1
     # float32 input computes the same thing (up to the last bit before truncation)
@@ -74,7 +77,7 @@ def test_contract(images, name, severity):
 
 def _mean_change(images: torch.Tensor, name: str) -> list[float]:
     return [
-        (corrupt(images, name, s, generator=_gen(0)).float() - images.float()).abs().mean().item()
+        (corrupt(images, name, s, seed=0).float() - images.float()).abs().mean().item()
         for s in SEVERITIES
     ]
 
@@ -100,10 +103,10 @@ def test_imagenet_size(images, name):
     x = F.interpolate(images[:2].float(), size=(224, 224), mode="bilinear", align_corners=False)
     x = x.round().clamp(0, 255).to(torch.uint8)
     for severity in (1, 5):
-        y = corrupt(x, name, severity, generator=_gen(3))
+        y = corrupt(x, name, severity, seed=3)
         assert y.shape == (2, 3, 224, 224) and y.dtype == torch.uint8
-        assert torch.equal(y, corrupt(x, name, severity, generator=_gen(3)))
-        assert not torch.equal(y, corrupt(x, name, severity, generator=_gen(4)))
+        assert torch.equal(y, corrupt(x, name, severity, seed=3))
+        assert not torch.equal(y, corrupt(x, name, severity, seed=4))
 
 
 # --- fog ----------------------------------------------------------------------------------------
@@ -141,11 +144,11 @@ def _numpy_plasma(mapsize: int, decay: float, draws) -> np.ndarray:
 
 @pytest.mark.parametrize("mapsize,decay", [(32, 1.75), (32, 3), (256, 1.4)])
 def test_plasma_matches_numpy_diamond_square(mapsize, decay):
-    g = _gen(5)
+    streams = ImageRng([5, 6, 7])
     recorded = []
 
     def uniform(shape):
-        u = torch.rand(shape, generator=g, dtype=torch.float64)
+        u = streams.rand(shape[1:])
         recorded.append(u)
         return u
 
@@ -156,8 +159,8 @@ def test_plasma_matches_numpy_diamond_square(mapsize, decay):
         ref = _numpy_plasma(mapsize, decay, iter([u[i].numpy() for u in recorded]))
         np.testing.assert_allclose(maps[i].numpy(), ref, rtol=0, atol=1e-12)
         assert maps[i].min() == 0 and maps[i].max() == 1
-    # the default source is the generator, in the same order
-    again = W.plasma_fractal(n, mapsize, decay, _gen(5))
+    # the default source is the per-image streams, in the same order
+    again = W.plasma_fractal(n, mapsize, decay, ImageRng([5, 6, 7]))
     assert torch.equal(again, maps)
     assert W.fog_mapsize(32, 32) == 32 and W.fog_mapsize(224, 224) == 256
 
@@ -165,8 +168,8 @@ def test_plasma_matches_numpy_diamond_square(mapsize, decay):
 @pytest.mark.parametrize("severity", SEVERITIES)
 def test_fog_matches_reference_formula(images, severity):
     t, decay = CIFAR["fog"][severity - 1]
-    y = corrupt(images, "fog", severity, generator=_gen(6))
-    plasma = W.plasma_fractal(N, 32, decay, _gen(6)).numpy()
+    y = corrupt(images, "fog", severity, seed=6)
+    plasma = W.plasma_fractal(N, 32, decay, _rng(6, "fog", severity)).numpy()
     for i, img in enumerate(_hwc(images)):
         x = np.array(img) / 255.0
         max_val = x.max()
@@ -211,8 +214,8 @@ def test_resize_like_cv2_other_scales():
 @pytest.mark.parametrize("severity", SEVERITIES)
 def test_frost_matches_reference_formula(images, severity):
     a, b = CIFAR["frost"][severity - 1]
-    y = corrupt(images, "frost", severity, generator=_gen(7))
-    idx, rows, cols = W.frost_draws(N, 32, _gen(7))
+    y = corrupt(images, "frost", severity, seed=7)
+    idx, rows, cols = W.frost_draws(32, _rng(7, "frost", severity))
     assert idx.min() >= 0 and idx.max() <= 4
     frosts = [_cv2_frost(i, 32) for i in range(5)]
     for i, img in enumerate(_hwc(images)):
@@ -225,7 +228,7 @@ def test_frost_matches_reference_formula(images, severity):
 
 
 def test_frost_crop_offsets_cover_the_range():
-    idx, rows, cols = W.frost_draws(20000, 32, _gen(8))
+    idx, rows, cols = W.frost_draws(32, ImageRng(range(20000)))
     _, sizes = W.frost_textures(32)
     assert set(idx.tolist()) == {0, 1, 2, 3, 4}
     for k in range(5):
@@ -265,37 +268,19 @@ def _numpy_clipped_zoom(img: np.ndarray, zoom: float) -> np.ndarray:
     return img[trim : trim + h, trim : trim + h]
 
 
-def _numpy_motion_blur(img: np.ndarray, radius: float, sigma: float, angle: float) -> np.ndarray:
-    """ImageMagick's MotionBlurImage with edge virtual pixels, one image."""
-    width = int(2 * math.ceil(radius) + 1)
-    i = np.arange(width)
-    k = np.exp(-(i * i) / (2 * sigma * sigma))
-    k /= k.sum()
-    h, w = img.shape
-    theta = np.deg2rad(angle)
-    out = np.zeros((h, w))
-    for j in range(width):
-        dy = math.ceil(j * math.sin(theta) - 0.5)
-        dx = math.ceil(j * math.cos(theta) - 0.5)
-        rows = np.clip(np.arange(h) + dy, 0, h - 1)
-        cols = np.clip(np.arange(w) + dx, 0, w - 1)
-        out += k[j] * img[rows][:, cols]
-    return out
-
-
 @pytest.mark.parametrize("severity", SEVERITIES)
 def test_snow_matches_reference_formula(images, severity):
+    require_wand()
     c = CIFAR["snow"][severity - 1]
-    y = corrupt(images, "snow", severity, generator=_gen(9))
-    normal, angles = W.snow_draws(N, 32, 32, c, _gen(9))
+    y = corrupt(images, "snow", severity, seed=9)
+    normal, angles = W.snow_draws(32, 32, c, _rng(9, "snow", severity))
     assert angles.min() >= -135 and angles.max() <= -45
     equal = 0
     for i, img in enumerate(_hwc(images)):
         layer = _numpy_clipped_zoom(normal[i, 0].numpy(), c[2])
         layer[layer < c[3]] = 0
         layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8)
-        layer = _numpy_motion_blur(layer.astype(np.float64), c[4], c[5], float(angles[i]))
-        layer = (np.clip(np.floor(layer + 0.5), 0, 255) / 255.0)[..., None]
+        layer = (wand_motion_blur(layer, c[4], c[5], float(angles[i])) / 255.0)[..., None]
         x = np.array(img, dtype=np.float32) / 255.0
         gray = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).reshape(32, 32, 1)
         x = c[6] * x + (1 - c[6]) * np.maximum(x, gray * 1.5 + 0.5)
@@ -306,6 +291,25 @@ def test_snow_matches_reference_formula(images, severity):
     # last-bit differences (summation order of the blur, the zoom and the gray weights) can move
     # a value across an integer before truncation
     assert equal / (N * 32 * 32 * 3) > 0.999
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_snow_layer_blur_is_imagemagick_pixel_for_pixel(size):
+    # The snow layer's motion blur against Wand, given the same 8-bit flakes and angles (the
+    # ImageNet table blurs with radii up to 20 at sigma up to 20).
+    require_wand()
+    n = 16 if size == 32 else 2
+    table = CIFAR if size == 32 else IMAGENET
+    for severity in SEVERITIES:
+        c = table["snow"][severity - 1]
+        normal, angles = W.snow_draws(size, size, c, _rng(severity, "snow", severity, n))
+        flakes = W.snow_flakes(normal, c)
+        assert flakes.max() > 0  # some snow to blur
+        ours = (W.snow_layer(normal, c, angles)[:, 0] * 255).round().numpy().astype(int)
+        for i in range(n):
+            image = flakes[i, 0].numpy().astype(np.uint8)
+            ref = wand_motion_blur(image, c[4], c[5], float(angles[i])).astype(int)
+            assert np.abs(ours[i] - ref).max() == 0, (severity, i)
 
 
 # --- spatter ------------------------------------------------------------------------------------
@@ -328,7 +332,7 @@ def _cv2_water_steps(l8: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _liquid_l8(params, n: int, size: int, seed: int) -> torch.Tensor:
-    normal = W.spatter_draws(n, size, size, params, _gen(seed))
+    normal = W.spatter_draws(size, size, params, ImageRng(range(seed, seed + n)))
     liquid = W.spatter_liquid(normal, params)
     return torch.floor(liquid[:, 0] * 255).long() & 255
 
@@ -401,8 +405,8 @@ def _numpy_spatter(img: np.ndarray, normal: np.ndarray, c) -> np.ndarray:
 @pytest.mark.parametrize("severity", SEVERITIES)
 def test_spatter_matches_reference(images, severity):
     c = CIFAR["spatter"][severity - 1]
-    y = corrupt(images, "spatter", severity, generator=_gen(11))
-    normal = W.spatter_draws(N, 32, 32, c, _gen(11))
+    y = corrupt(images, "spatter", severity, seed=11)
+    normal = W.spatter_draws(32, 32, c, _rng(11, "spatter", severity))
     equal = 0
     for i, img in enumerate(_hwc(images)):
         ref = _numpy_spatter(img, normal[i, 0].numpy(), c)

@@ -1,26 +1,29 @@
 """The corruption engine: the 15 + 4 common corruptions as batched tensor operations.
 
-Every corruption is a function ``fn(x, params, generator) -> y`` on float images ``x`` (N,3,H,W)
-in [0, 1] (float64 for uint8 input, see :func:`to_unit`; code must keep ``x``'s dtype), on any
-device; ``params`` is the parameter set of one severity from the table for the
-image size (``tables.py``) and ``generator`` a seeded CPU ``torch.Generator`` from which all of
-its randomness is drawn, so a seed fixes the corrupted set. :func:`corrupt` wraps them: it
-accepts uint8 or float batches, picks the table, and returns the input dtype. uint8 results are
-truncated, as the reference scripts' ``np.uint8`` cast does.
+Every corruption is a function ``fn(x, params, rng) -> y`` on float images ``x`` (N,3,H,W) in
+[0, 1] (float64 for uint8 input, see :func:`to_unit`; code must keep ``x``'s dtype), on any
+device; ``params`` is the parameter set of one severity from the table for the image size
+(``tables.py``) and ``rng`` an :class:`~normbench.corruptions.rng.ImageRng`, one CPU generator
+per image seeded from (seed, corruption, severity, image index), from which all of its
+randomness is drawn. A seed therefore fixes each corrupted image, whatever the batch, the chunk
+size or the device. :func:`corrupt` wraps them: it accepts uint8 or float batches, picks the
+table, and returns the input dtype. uint8 results are truncated, as the reference scripts'
+``np.uint8`` cast does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from normbench.corruptions.rng import ImageRng
 from normbench.corruptions.tables import TABLE_VERSION, table_for
 from normbench.errors import NormbenchError
 from normbench.registry import Registry
 
-CorruptionFn = Callable[[torch.Tensor, Any, torch.Generator], torch.Tensor]
+CorruptionFn = Callable[[torch.Tensor, Any, ImageRng], torch.Tensor]
 
 CORRUPTIONS: Registry[CorruptionFn] = Registry("corruption")
 register_corruption = CORRUPTIONS.register
@@ -53,8 +56,8 @@ _FLOAT32_SLACK = 1e-4
 
 #: On the CPU a batch is corrupted in chunks of about this many pixels (64 CIFAR images, one
 #: ImageNet image): the float64 intermediates then stay in cache, which makes the engine about
-#: 1.4x faster than one pass over 1,000 CIFAR images. Random corruptions draw per chunk, so the
-#: chunk size is part of what a seed fixes (``ENGINE_VERSION`` in ``sets.py`` covers it).
+#: 1.4x faster than one pass over 1,000 CIFAR images. Random numbers are drawn per image, so the
+#: chunk size changes nothing in the results.
 CPU_CHUNK_PIXELS = 1 << 16
 
 
@@ -85,27 +88,47 @@ def from_unit(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def corrupt(
-    images: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None
+    images: torch.Tensor,
+    name: str,
+    severity: int,
+    seed: int = 0,
+    indices: torch.Tensor | Sequence[int] | None = None,
+    *,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Apply corruption ``name`` at ``severity`` (1..5) to a batch (N,3,H,W), uint8 or float."""
+    """Apply corruption ``name`` at ``severity`` (1..5) to a batch (N,3,H,W), uint8 or float.
+
+    ``indices`` are the images' positions in their dataset (default ``0..N-1``); with ``seed``
+    they fix each image's random numbers. ``chunk_size`` images are corrupted at a time (default:
+    :data:`CPU_CHUNK_PIXELS` worth on the CPU, the whole batch elsewhere); it changes the speed
+    only, never the result.
+    """
     check(name, severity)
     if images.ndim != 4 or images.shape[1] != 3:
         raise NormbenchError(f"Expected images of shape (N, 3, H, W), got {tuple(images.shape)}.")
     _, table = table_for(images.shape[-2], images.shape[-1])
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    index_list = range(len(images)) if indices is None else [int(i) for i in indices]
+    if len(index_list) != len(images):
+        raise NormbenchError(
+            f"{len(index_list)} image indices were given for a batch of {len(images)} images; "
+            "pass one dataset index per image."
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise NormbenchError(f"The chunk size is a number of images >= 1, not {chunk_size}.")
     entry, params = CORRUPTIONS.get(name), table[name][severity - 1]
 
-    def apply(part: torch.Tensor) -> torch.Tensor:
+    def apply(lo: int, part: torch.Tensor) -> torch.Tensor:
+        rng = ImageRng.for_images(seed, name, severity, index_list[lo : lo + len(part)])
         if part.dtype == torch.uint8 and entry.info.has(UINT8):
-            return entry.obj(part, params, generator)
-        return from_unit(entry.obj(to_unit(part), params, generator), part.dtype)
+            return entry.obj(part, params, rng)
+        return from_unit(entry.obj(to_unit(part), params, rng), part.dtype)
 
-    chunk = len(images)
-    if images.device.type == "cpu":
+    chunk = chunk_size or len(images)
+    if chunk_size is None and images.device.type == "cpu":
         chunk = max(1, CPU_CHUNK_PIXELS // (images.shape[-2] * images.shape[-1]))
     if len(images) <= chunk:
-        return apply(images)
-    return torch.cat([apply(part) for part in images.split(chunk)])
+        return apply(0, images)
+    return torch.cat([apply(lo, images[lo : lo + chunk]) for lo in range(0, len(images), chunk)])
 
 
 def _register_all() -> None:
@@ -117,5 +140,5 @@ _register_all()
 
 __all__ = [
     "ALL", "BENCHMARK", "CORRUPTIONS", "EXTRA", "FAMILIES", "RANDOM", "SEVERITIES",
-    "TABLE_VERSION", "UINT8", "check", "corrupt", "register_corruption",
+    "TABLE_VERSION", "UINT8", "ImageRng", "check", "corrupt", "register_corruption",
 ]  # fmt: skip

@@ -20,11 +20,11 @@ All five follow the authors' CIFAR and ImageNet scripts (Hendrycks & Dietterich 
   taps through a DFT, whose round-off (about 1e-16) we do not reproduce.
 * ``motion_blur``: ImageMagick's ``MotionBlurImage`` (one-sided Gaussian kernel along the angle,
   edge virtual pixels) at an angle uniform in [-45, 45] degrees per image. The scripts pass the
-  image through an 8-bit PNG and ImageMagick, which blurs the levels in double and writes 8-bit
-  levels again. We round the blurred value once to the nearest 8-bit level (halves up), which is
-  what an HDRI build does; a non-HDRI Q16 build rounds twice (to 16 bits, then to 8), which can
-  differ by one level when the blurred value lies within about 1/500 of a level of a half. Which
-  build made the official files is not known.
+  image through an 8-bit PNG to Wand over ImageMagick 6 Q16, which blurs the 16-bit quanta
+  (8-bit level times 257) in double, rounds the sum to a 16-bit quantum and truncates that to 8
+  bits when it writes the PNG; :func:`~normbench.corruptions.ops.magick_motion_blur` does the
+  same, with ImageMagick's kernel and offsets computed as it computes them. The tests compare it
+  with Wand pixel for pixel.
 * ``zoom_blur``: the mean of the image and its centre zooms (the scripts' ``clipped_zoom``, centre
   crop and centre trim) for the zoom factors ``numpy.arange(start, stop, step)``, in float32 as
   the scripts compute it (each zoomed layer interpolated in float64 and stored in float32, as
@@ -45,8 +45,9 @@ from normbench.corruptions.ops import (
     border_index,
     correlate2d,
     gaussian_filter,
-    motion_blur,
+    magick_motion_blur,
 )
+from normbench.corruptions.rng import ImageRng
 
 # A float32 image made from 8-bit levels is within this much (in 8-bit units) of a level.
 _LEVEL_SNAP = 1e-4
@@ -69,7 +70,7 @@ def scipy_gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @register_corruption("gaussian_blur", family="blur",
                      description="Gaussian filter of sigma c per channel")  # fmt: skip
-def gaussian_blur(x: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: float, rng: ImageRng) -> torch.Tensor:
     return scipy_gaussian(as_float64(x), float(sigma)).to(x.dtype)
 
 
@@ -77,16 +78,16 @@ def gaussian_blur(x: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Te
 
 
 def glass_offsets(
-    n: int, height: int, width: int, max_delta: int, g: torch.Generator
+    height: int, width: int, max_delta: int, rng: ImageRng
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass of the shuffle's random offsets, ``(dx, dy)``, each (n, H - 2d, W - 2d).
+    """One pass of the shuffle's random offsets, ``(dx, dy)``, each (N, H - 2d, W - 2d).
 
     Entry ``[:, i, j]`` belongs to the ``i``-th row and ``j``-th column of the scan, i.e. to pixel
     ``(H - d - i, W - d - j)``; each offset is uniform in ``[-d, d - 1]`` (``randint(-d, d)``),
     drawn column offset first, as the scripts draw them.
     """
     d = max_delta
-    draws = torch.randint(-d, d, (n, height - 2 * d, width - 2 * d, 2), generator=g)
+    draws = rng.randint(-d, d, (height - 2 * d, width - 2 * d, 2))
     return draws[..., 0], draws[..., 1]
 
 
@@ -148,10 +149,10 @@ def glass_blur_with(
 
 @register_corruption("glass_blur", family="blur", capabilities={RANDOM},
                      description="blur, 8-bit, local random pixel shuffle, blur")  # fmt: skip
-def glass_blur(x: torch.Tensor, c: tuple[float, int, int], g: torch.Generator) -> torch.Tensor:
-    n, _, h, w = x.shape
+def glass_blur(x: torch.Tensor, c: tuple[float, int, int], rng: ImageRng) -> torch.Tensor:
+    _, _, h, w = x.shape
     _, d, iterations = c
-    offsets = [glass_offsets(n, h, w, int(d), g) for _ in range(int(iterations))]
+    offsets = [glass_offsets(h, w, int(d), rng) for _ in range(int(iterations))]
     return glass_blur_with(x, c, offsets)
 
 
@@ -229,7 +230,7 @@ def disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
 
 @register_corruption("defocus_blur", family="blur",
                      description="anti-aliased disk filter of radius r per channel")  # fmt: skip
-def defocus_blur(x: torch.Tensor, c: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+def defocus_blur(x: torch.Tensor, c: tuple[float, float], rng: ImageRng) -> torch.Tensor:
     kernel = disk_kernel(float(c[0]), float(c[1]))
     return correlate2d(as_float64(x), kernel.to(x.device), "mirror").to(x.dtype)
 
@@ -240,19 +241,17 @@ def defocus_blur(x: torch.Tensor, c: tuple[float, float], g: torch.Generator) ->
 def motion_blur_at(
     x: torch.Tensor, radius: float, sigma: float, angles_deg: torch.Tensor
 ) -> torch.Tensor:
-    """ImageMagick motion blur at the given angle per image, rounded to 8-bit levels (uint8 in
-    and out, or floats in [0, 1])."""
+    """ImageMagick 6 Q16's motion blur at the given angle per image, on 8-bit levels (uint8 in
+    and out, or floats in [0, 1]; float values between levels are blurred as they are)."""
     x255 = x.double() if x.dtype == torch.uint8 else as_float64(x) * 255
-    levels = motion_blur(x255, radius, sigma, angles_deg).add_(0.5).floor_().clamp_(0, 255)
+    levels = magick_motion_blur(x255, radius, sigma, angles_deg)
     return levels.to(torch.uint8) if x.dtype == torch.uint8 else (levels / 255).to(x.dtype)
 
 
 @register_corruption("motion_blur", family="blur", capabilities={RANDOM, UINT8},
                      description="ImageMagick motion blur, angle uniform in [-45, 45]")  # fmt: skip
-def motion_blur_corruption(
-    x: torch.Tensor, c: tuple[float, float], g: torch.Generator
-) -> torch.Tensor:
-    angles = torch.rand(x.shape[0], generator=g, dtype=torch.float64) * 90 - 45
+def motion_blur_corruption(x: torch.Tensor, c: tuple[float, float], rng: ImageRng) -> torch.Tensor:
+    angles = rng.rand(()) * 90 - 45
     return motion_blur_at(x, float(c[0]), float(c[1]), angles)
 
 
@@ -282,7 +281,7 @@ def _zoom_matrix(size: int, zoom: float) -> torch.Tensor:
 
 @register_corruption("zoom_blur", family="blur", capabilities={UINT8},
                      description="mean of the image and its centre zooms")  # fmt: skip
-def zoom_blur(x: torch.Tensor, c: tuple[float, float, float], g: torch.Generator) -> torch.Tensor:
+def zoom_blur(x: torch.Tensor, c: tuple[float, float, float], rng: ImageRng) -> torch.Tensor:
     zooms = np.arange(*c)
     # the scripts' (x / 255.).astype(np.float32)
     x32 = (x.double() / 255).float() if x.dtype == torch.uint8 else x.float()

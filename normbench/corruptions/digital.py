@@ -18,23 +18,24 @@ from PIL import Image
 
 from normbench.corruptions import UINT8, register_corruption
 from normbench.corruptions.ops import hsv_to_rgb, rgb_to_hsv, thread_pool
+from normbench.corruptions.rng import ImageRng
 
 
 @register_corruption("brightness", family="weather", description="HSV value + c")
-def brightness(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
+def brightness(x: torch.Tensor, c: float, rng: ImageRng) -> torch.Tensor:
     hsv = rgb_to_hsv(x)
     hsv[:, 2] = (hsv[:, 2] + c).clamp(0, 1)
     return hsv_to_rgb(hsv)
 
 
 @register_corruption("contrast", family="digital", description="(x - mean) c + mean per channel")
-def contrast(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
+def contrast(x: torch.Tensor, c: float, rng: ImageRng) -> torch.Tensor:
     means = x.mean(dim=(2, 3), keepdim=True)
     return (x - means) * c + means
 
 
 @register_corruption("saturate", family="digital", description="HSV saturation s c1 + c2")
-def saturate(x: torch.Tensor, c: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+def saturate(x: torch.Tensor, c: tuple[float, float], rng: ImageRng) -> torch.Tensor:
     hsv = rgb_to_hsv(x)
     hsv[:, 1] = (hsv[:, 1] * c[0] + c[1]).clamp(0, 1)
     return hsv_to_rgb(hsv)
@@ -69,7 +70,7 @@ def pil_box_resize(x255: torch.Tensor, size: int) -> torch.Tensor:
 
 @register_corruption("pixelate", family="digital", capabilities={UINT8},
                      description="BOX-downsample to int(s c), BOX-upsample back")  # fmt: skip
-def pixelate(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
+def pixelate(x: torch.Tensor, c: float, rng: ImageRng) -> torch.Tensor:
     size = x.shape[-1]
     x255 = x.double() if x.dtype == torch.uint8 else torch.round(x * 255)
     y255 = pil_box_resize(pil_box_resize(x255, int(size * c)), size)
@@ -78,7 +79,7 @@ def pixelate(x: torch.Tensor, c: float, g: torch.Generator) -> torch.Tensor:
 
 @register_corruption("jpeg_compression", family="digital", capabilities={UINT8},
                      description="JPEG at quality q")  # fmt: skip
-def jpeg_compression(x: torch.Tensor, quality: int, g: torch.Generator) -> torch.Tensor:
+def jpeg_compression(x: torch.Tensor, quality: int, rng: ImageRng) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return _jpeg_round_trip(x.cpu(), int(quality)).to(x.device)
     images = torch.round(x * 255).to(torch.uint8).cpu()

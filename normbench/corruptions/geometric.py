@@ -25,6 +25,7 @@ import torch
 
 from normbench.corruptions import RANDOM, register_corruption
 from normbench.corruptions.ops import border_index, gaussian_kernel1d
+from normbench.corruptions.rng import ImageRng
 
 _TRUNCATE = 3.0  # the reference's gaussian(..., truncate=3)
 
@@ -158,13 +159,11 @@ def elastic_from_draws(
     return bilinear_sample(warped, ys + d[:, 1].double(), xs + d[:, 0].double(), "reflect")
 
 
-def draw(
-    n: int, h: int, w: int, affine: float, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The random numbers of one batch, in the reference's order: the control-point jitter
-    (N,3,2) float32, then the dx and dy noise fields (N,2,H,W) float64 in [-1, 1)."""
-    jitter = ((torch.rand((n, 3, 2), generator=g, dtype=torch.float64) * 2 - 1) * affine).float()
-    noise = torch.rand((n, 2, h, w), generator=g, dtype=torch.float64) * 2 - 1
+def draw(h: int, w: int, affine: float, rng: ImageRng) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers of a batch, per image in the reference's order: the control-point
+    jitter (N,3,2) float32, then the dx and dy noise fields (N,2,H,W) float64 in [-1, 1)."""
+    jitter = ((rng.rand((3, 2)) * 2 - 1) * affine).float()
+    noise = rng.rand((2, h, w)) * 2 - 1
     return jitter, noise
 
 
@@ -172,8 +171,8 @@ def draw(
                      description="random affine warp, then a smooth random displacement field"
                      )  # fmt: skip
 def elastic_transform(
-    x: torch.Tensor, params: tuple[float, float, float], g: torch.Generator
+    x: torch.Tensor, params: tuple[float, float, float], rng: ImageRng
 ) -> torch.Tensor:
-    n, _, h, w = x.shape
-    jitter, noise = draw(n, h, w, params[2], g)
+    _, _, h, w = x.shape
+    jitter, noise = draw(h, w, params[2], rng)
     return elastic_from_draws(x, params, jitter, noise)

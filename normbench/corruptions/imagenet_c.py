@@ -4,8 +4,9 @@ The official release (Hendrycks & Dietterich 2019) lays out ``<corruption>/<seve
 <file>.JPEG`` of the 224-px validation images (after Resize(256) + CenterCrop(224)); when it is
 under the data directory (``ImageNet-C/`` or ``imagenet-c/``) the evaluated images are read from
 it. Otherwise they are generated from the decoded validation images with the engine's ImageNet
-table, batch by batch, one seeded generator per (corruption, severity); a 224-px corrupted set is
-too large to cache for every run (150 KB per image and pair), so only the seed is kept.
+table, batch by batch, each image's random numbers seeded by (seed, corruption, severity, its
+index in the validation set); a 224-px corrupted set is too large to cache for every run (150 KB
+per image and pair), so only the seed and the engine version are kept.
 
 mCE on ImageNet-C is normalised by AlexNet's errors (``ALEXNET_ERRORS``, averaged over the five
 severities, as published with the benchmark).
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 
 from normbench import config
-from normbench.corruptions import ALL, check, corrupt
+from normbench.corruptions import check, corrupt
+from normbench.corruptions.sets import ENGINE_VERSION
 from normbench.data import ArrayDataset, subset_indices
 from normbench.errors import DataError
 
@@ -63,14 +65,21 @@ class ImageNetC:
     def images_per_pair(self) -> int:
         return len(self.val)
 
+    @property
+    def engine_version(self) -> int | None:
+        """The engine version that generates the images (None for the official release)."""
+        return None if self.official else ENGINE_VERSION
+
     def load(self, name: str, severity: int) -> ArrayDataset:
         check(name, severity)
         if self.official is not None:
             return self._load_official(name, severity)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + ALL.index(name) * 10 + severity)
+        positions = torch.arange(len(self.val)) if self.indices is None else self.indices
+        step = GENERATION_BATCH
+        parts = [slice(lo, lo + step) for lo in range(0, len(self.val), step)]
         batches = [
-            corrupt(self.val.images[lo : lo + GENERATION_BATCH], name, severity, g)
-            for lo in range(0, len(self.val), GENERATION_BATCH)
+            corrupt(self.val.images[part], name, severity, self.seed, positions[part])
+            for part in parts
         ]
         return ArrayDataset(torch.cat(batches), self.val.labels, self.val.classes, self.source)
 

@@ -163,24 +163,55 @@ def rgb_to_gray(rgb: torch.Tensor) -> torch.Tensor:
 # --- geometry -----------------------------------------------------------------------------------
 
 
+#: ImageMagick's ``MagickSQ2PI`` and ``MagickPI`` (``DegreesToRadians``), as doubles.
+_MAGICK_SQ2PI = 2.50662827463100024161235523934010416269302368164062
+_MAGICK_PI = 3.14159265358979323846264338327950288419716939937510
+
+
+@functools.cache
+def magick_motion_kernel(radius: float, sigma: float) -> tuple[float, ...]:
+    """``MotionBlurImage``'s weights as ImageMagick 6 computes them, bit for bit: width
+    ``2 ceil(radius) + 1``, ``exp(-i^2 / (2 sigma^2)) / (sqrt(2 pi) sigma)`` for i = 0..width-1,
+    each divided by their sum (summed in order)."""
+    width = int(2 * math.ceil(radius) + 1)
+    sigma = max(abs(sigma), 1e-12)  # MagickSigma: MagickEpsilon at least
+    kernel = [math.exp(-float(i * i) / (2.0 * sigma * sigma)) / (_MAGICK_SQ2PI * sigma)
+              for i in range(width)]  # fmt: skip
+    total = 0.0
+    for value in kernel:
+        total += value
+    return tuple(value / total for value in kernel)
+
+
+def magick_motion_offsets(width: int, angle_deg: float) -> list[tuple[int, int]]:
+    """The (row, column) offset of each tap, as ``MotionBlurImage`` computes it: ``ceil(i * p /
+    hypot(p) - 0.5)`` with ``p = width (sin a, cos a)``, in C doubles (Python's ``math`` calls
+    the same C library functions)."""
+    theta = _MAGICK_PI * angle_deg / 180.0
+    point_x, point_y = width * math.sin(theta), width * math.cos(theta)
+    hyp = math.hypot(point_x, point_y)
+    return [(math.ceil(i * point_x / hyp - 0.5), math.ceil(i * point_y / hyp - 0.5))
+            for i in range(width)]  # fmt: skip
+
+
 def motion_blur(
     x: torch.Tensor, radius: float, sigma: float, angles_deg: torch.Tensor
 ) -> torch.Tensor:
-    """ImageMagick's ``MotionBlurImage`` on a batch, one angle per image (float, not quantised).
+    """ImageMagick's ``MotionBlurImage`` on a batch, one angle per image (not quantised).
 
-    Kernel width ``2*ceil(radius)+1``; one-sided weights ``exp(-i^2 / (2 sigma^2))`` for i = 0..
-    width-1, normalised to sum 1; tap i samples the pixel ``(ceil(i sin(a) - 0.5),
-    ceil(i cos(a) - 0.5))`` rows/columns ahead, clamped to the image edge (ImageMagick's default
-    "edge" virtual pixels).
+    Tap i (weights :func:`magick_motion_kernel`) samples the pixel :func:`magick_motion_offsets`
+    ahead, clamped to the image edge (ImageMagick's default "edge" virtual pixels); the weighted
+    values are added tap by tap, in ImageMagick's order.
     """
     n, c, h, w = x.shape
-    width = int(2 * math.ceil(radius) + 1)
-    i = torch.arange(width, dtype=torch.float64)
-    weights = torch.exp(-(i * i) / (2 * sigma * sigma))
-    weights = (weights / weights.sum()).to(x.dtype)
-    theta = torch.deg2rad(angles_deg.to(torch.float64).cpu())
-    dy = torch.ceil(i[None] * torch.sin(theta)[:, None] - 0.5).long().to(x.device)  # (N, width)
-    dx = torch.ceil(i[None] * torch.cos(theta)[:, None] - 0.5).long().to(x.device)
+    weights = magick_motion_kernel(float(radius), float(sigma))
+    width = len(weights)
+    offsets = torch.tensor(
+        [magick_motion_offsets(width, float(a)) for a in angles_deg.double().cpu().tolist()],
+        dtype=torch.long,
+    ).reshape(n, width, 2)
+    dy = offsets[..., 0].to(x.device)  # (N, width)
+    dx = offsets[..., 1].to(x.device)
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
     channel_start = (torch.arange(c, device=x.device) * (h * w)).view(1, c, 1)
@@ -193,7 +224,22 @@ def motion_blur(
         index = (r[:, :, None] * w + q[:, None, :]).view(n, 1, h * w) + channel_start
         out += weights[tap] * flat.gather(1, index.view(n, -1)).view(n, c, h, w)
     return out
-    return out
+
+
+def magick_motion_blur(
+    x255: torch.Tensor, radius: float, sigma: float, angles_deg: torch.Tensor
+) -> torch.Tensor:
+    """What Wand over ImageMagick 6 Q16 (non-HDRI) makes of 8-bit images: float64 (N,C,H,W)
+    values on the 0..255 scale in, 8-bit levels (float64) out.
+
+    ImageMagick reads each level k as the 16-bit quantum 257 k, blurs in double, stores the sum
+    rounded (halves up) and clamped as a 16-bit quantum, and writes the 8-bit PNG by truncating
+    quantum / 257. The two steps differ from one rounding of the blurred level on about half of
+    all values.
+    """
+    quanta = motion_blur(x255.double() * 257, radius, sigma, angles_deg)
+    quanta = quanta.add_(0.5).floor_().clamp_(0, 65535)
+    return torch.div(quanta, 257, rounding_mode="floor")
 
 
 def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:

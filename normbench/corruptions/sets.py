@@ -7,8 +7,10 @@ release), and ``labels.npy`` (5 R,).
 Official files under the data directory (``CIFAR-10-C/`` or ``cifar10-c/``) are used when present,
 after their shape, dtype, length and labels are checked. Otherwise normbench generates the set
 with its own engine into the cache, with a ``manifest.json`` (seed, parameter-table version,
-engine version, generation batch size, SHA-256 of every file): a cache made by another table or
-engine version is regenerated, never mixed with new files.
+engine version, SHA-256 of every file): a cache made by another table or engine version is
+regenerated, never mixed with new files, and a warning says which versions it had. Each image's
+random numbers depend on (seed, corruption, severity, test index) only, so the files do not
+depend on the batch size or the device that made them.
 
 A budget may evaluate a fixed, seeded subset of the test images per (corruption, severity):
 official files are then indexed; a generated subset is cached in a directory of its own
@@ -18,6 +20,7 @@ official files are then indexed; a generated subset is cached in a directory of 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -32,10 +35,14 @@ from normbench.corruptions import ALL, CORRUPTIONS, SEVERITIES, TABLE_VERSION, c
 from normbench.data import ArrayDataset, load_cifar10, sha256_file, subset_indices
 from normbench.errors import DataError
 
-ENGINE_VERSION = 2  # bump when a corruption's implementation changes its output
+# bump when a corruption's implementation changes its output. 3: random numbers drawn per image
+# from (seed, corruption, severity, index); motion blur and snow quantised as ImageMagick 6 Q16.
+ENGINE_VERSION = 3
 N_TEST = 10_000
 OFFICIAL_DIRS = ("CIFAR-10-C", "cifar10-c", "cifar10/CIFAR-10-C")
 GENERATION_BATCH = 1000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,11 @@ class CorruptedSet:
     @property
     def images_per_pair(self) -> int:
         return self.rows if self.indices is None else len(self.indices)
+
+    @property
+    def engine_version(self) -> int | None:
+        """The engine version that generated the files (None for the official release)."""
+        return self.manifest.get("engine_version")
 
     def load(self, name: str, severity: int) -> ArrayDataset:
         """The evaluated test images of one (corruption, severity), (N,3,32,32) uint8."""
@@ -124,8 +136,18 @@ def _manifest_matches(manifest: dict, seed: int, indices: list[int] | None) -> b
         manifest.get("table_version") == TABLE_VERSION
         and manifest.get("engine_version") == ENGINE_VERSION
         and manifest.get("seed") == seed
-        and manifest.get("batch_size") == GENERATION_BATCH
         and manifest.get("indices") == indices
+    )
+
+
+def _stale_versions(manifest: dict) -> str | None:
+    """What is out of date in a cached set's manifest, or None when its versions are current."""
+    old = (manifest.get("engine_version"), manifest.get("table_version"))
+    if old == (ENGINE_VERSION, TABLE_VERSION):
+        return None
+    return (
+        f"it was made by engine version {old[0]} with parameter table {old[1]}; this is engine "
+        f"version {ENGINE_VERSION} with parameter table {TABLE_VERSION}"
     )
 
 
@@ -182,6 +204,9 @@ def generate(
     root.mkdir(parents=True, exist_ok=True)
     old = read_manifest(root)
     reusable = old if old is not None and _manifest_matches(old, seed, index_list) else {}
+    stale = _stale_versions(old) if old is not None else None
+    if stale:
+        log.warning("Regenerating the CIFAR-10-C cache in %s: %s.", root, stale)
     manifest = {
         "source": "generated",
         "seed": seed,
@@ -199,6 +224,7 @@ def generate(
     np.save(labels_path, np.tile(labels.numpy().astype(np.uint8), 5))
     manifest["sha256"]["labels"] = sha256_file(labels_path)
     images = images.to(device)
+    positions = torch.arange(rows) if indices is None else indices  # the images' test indices
     for name in corruptions:
         path = root / f"{name}.npy"
         known = reusable.get("sha256", {}).get(name)
@@ -206,15 +232,13 @@ def generate(
             manifest["sha256"][name] = known
             manifest["seconds"][name] = reusable.get("seconds", {}).get(name)
             continue
-        index = ALL.index(name)
         tmp = path.with_suffix(".tmp.npy")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(5 * rows, 32, 32, 3))
         start = time.perf_counter()
         for severity in SEVERITIES:
-            # One generator per (corruption, severity): any pair can be regenerated on its own.
-            g = torch.Generator().manual_seed(seed * 1_000_003 + index * 10 + severity)
             for lo in range(0, rows, GENERATION_BATCH):
-                batch = corrupt(images[lo : lo + GENERATION_BATCH], name, severity, g)
+                part = slice(lo, lo + GENERATION_BATCH)
+                batch = corrupt(images[part], name, severity, seed, positions[part])
                 first = rows * (severity - 1) + lo
                 out[first : first + len(batch)] = batch.permute(0, 2, 3, 1).cpu().numpy()
             on_progress(name, severity, time.perf_counter() - start)

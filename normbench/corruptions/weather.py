@@ -1,7 +1,8 @@
 """Weather corruptions: fog, frost, snow and spatter, as in the Hendrycks CIFAR/ImageNet scripts.
 
-All four run on whole batches: every per-image random quantity is drawn for the batch at once from
-the CPU generator and moved to the images' device. Each corruption is split into a draw step and a
+All four run on whole batches: every per-image random quantity is drawn from the image's own CPU
+generator (:class:`~normbench.corruptions.rng.ImageRng`), stacked, and moved to the images'
+device. Each corruption is split into a draw step and a
 deterministic step (``*_draws`` / ``*_apply`` and the helpers below) so that the deterministic part
 can be checked against per-image references given the same random layers.
 
@@ -13,9 +14,9 @@ layers in float64.
 - frost: a * x + b * a random crop of one of the first five official frost photographs (shipped
   with the ``imagecorruptions`` distribution); shrunk by 0.2 with OpenCV's bilinear rule for the
   32-px table, used at full size for the 224-px one.
-- snow: a zoomed, thresholded normal field, quantised to 8 bits, ImageMagick motion blur at an
-  angle in [-135, -45] degrees, rounded to 8 bits, added twice (as is and rotated by 180 degrees)
-  to the image brightened towards 1.5 gray + 0.5.
+- snow: a zoomed, thresholded normal field, quantised to 8 bits, ImageMagick 6 Q16's motion blur
+  at an angle in [-135, -45] degrees (16-bit quanta, truncated to 8 bits), added twice (as is
+  and rotated by 180 degrees) to the image brightened towards 1.5 gray + 0.5.
 - spatter: a smoothed, thresholded normal field; mode 1 (mud) paints brown where a blurred mask
   reaches 0.8; mode 0 (water) builds a pale turquoise overlay from OpenCV's pipeline Canny ->
   distance transform (5x5 chamfer, DIST_L2) -> truncate at 20 -> 3x3 box blur -> histogram
@@ -41,22 +42,15 @@ from normbench.corruptions import RANDOM, UINT8, register_corruption
 from normbench.corruptions.ops import (
     clipped_zoom,
     gaussian_filter,
-    motion_blur,
+    magick_motion_blur,
     pad2d,
     rgb_to_gray,
 )
+from normbench.corruptions.rng import ImageRng
 from normbench.corruptions.tables import FROST_SCALE
 from normbench.errors import NormbenchError
 
 Uniform = Callable[[tuple[int, ...]], torch.Tensor]
-
-
-def _rand(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    return torch.rand(shape, generator=g, dtype=torch.float64)
-
-
-def _randn(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=g, dtype=torch.float64)
 
 
 def _unit_from_255(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -91,7 +85,7 @@ def plasma_fractal(
     n: int,
     mapsize: int,
     decay: float,
-    generator: torch.Generator | None = None,
+    rng: ImageRng | None = None,
     *,
     device: torch.device | str | None = None,
     uniform: Uniform | None = None,
@@ -102,16 +96,16 @@ def plasma_fractal(
     mean of its four neighbours (wrapping around the torus) plus ``wibble * U(-wibble, wibble)``.
     Per level three arrays of uniforms are drawn, for the squares' centres, then the diamonds on
     the corner rows, then those on the corner columns; ``uniform(shape)`` supplies U[0, 1) values
-    (float64, shape (n, k, k)); by default they come from ``generator``.
+    (float64, shape (n, k, k)); by default they come from the per-image streams of ``rng``.
     """
     if mapsize & (mapsize - 1):
         raise ValueError(f"map size must be a power of two, got {mapsize}")
     if uniform is None:
-        if generator is None:
-            raise ValueError("plasma_fractal needs a generator or a uniform source")
+        if rng is None or len(rng) != n:
+            raise ValueError("plasma_fractal needs one random stream per map or a uniform source")
 
         def uniform(shape: tuple[int, ...]) -> torch.Tensor:
-            return _rand(shape, generator)
+            return rng.rand(shape[1:])
 
     m = torch.zeros(n, mapsize, mapsize, dtype=torch.float64, device=device)
     wibble = 100.0
@@ -156,9 +150,9 @@ def fog_apply(x: torch.Tensor, params: tuple[float, float], plasma: torch.Tensor
 
 @register_corruption("fog", family="weather", capabilities={RANDOM},
                      description="x + t * plasma fractal, rescaled by max / (max + t)")  # fmt: skip
-def fog(x: torch.Tensor, params: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+def fog(x: torch.Tensor, params: tuple[float, float], rng: ImageRng) -> torch.Tensor:
     n, _, h, w = x.shape
-    plasma = plasma_fractal(n, fog_mapsize(h, w), params[1], g, device=x.device)
+    plasma = plasma_fractal(n, fog_mapsize(h, w), params[1], rng, device=x.device)
     return fog_apply(x, params, plasma)
 
 
@@ -232,14 +226,12 @@ def frost_textures(size: int, device: str = "cpu") -> tuple[torch.Tensor, torch.
     return stack.to(device), sizes
 
 
-def frost_draws(
-    n: int, size: int, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def frost_draws(size: int, rng: ImageRng) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image: texture index in {0..4}, then crop offsets (row in [0, fh - size), column in
     [0, fw - size), exclusive upper bounds like numpy's ``randint``). All on the CPU."""
     _, sizes = frost_textures(size)
-    idx = torch.randint(len(FROST_FILES), (n,), generator=g)
-    u = _rand((n, 2), g)
+    idx = rng.randint(0, len(FROST_FILES), ())
+    u = rng.rand((2,))
     span = (sizes[idx] - size).double()
     starts = torch.floor(u * span).long()
     return idx, starts[:, 0], starts[:, 1]
@@ -269,33 +261,37 @@ def frost_apply(x: torch.Tensor, params: tuple[float, float], crops: torch.Tenso
 
 @register_corruption("frost", family="weather", capabilities={RANDOM, UINT8},
                      description="a x + b * random crop of a frost photograph")  # fmt: skip
-def frost(x: torch.Tensor, params: tuple[float, float], g: torch.Generator) -> torch.Tensor:
-    n, _, h, _ = x.shape
-    idx, rows, cols = frost_draws(n, h, g)
+def frost(x: torch.Tensor, params: tuple[float, float], rng: ImageRng) -> torch.Tensor:
+    h = x.shape[-2]
+    idx, rows, cols = frost_draws(h, rng)
     return frost_apply(x, params, frost_crops(h, idx, rows, cols, x.device))
 
 
 # --- snow ---------------------------------------------------------------------------------------
 
 
-def snow_draws(
-    n: int, h: int, w: int, params: tuple, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All normal fields N(loc, scale) (n, 1, h, w) first, then all angles U(-135, -45)."""
+def snow_draws(h: int, w: int, params: tuple, rng: ImageRng) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the normal field N(loc, scale) (N, 1, h, w), then the angle U(-135, -45)."""
     loc, scale = params[0], params[1]
-    normal = loc + scale * _randn((n, 1, h, w), g)
-    angles = -135 + 90 * _rand((n,), g)
+    normal = loc + scale * rng.randn((1, h, w))
+    angles = -135 + 90 * rng.rand(())
     return normal, angles
+
+
+def snow_flakes(normal: torch.Tensor, params: tuple) -> torch.Tensor:
+    """The zoomed, thresholded normal field as the 8-bit levels (float64) of the gray PNG that
+    the scripts hand to ImageMagick, (N, 1, H, W)."""
+    zoom, threshold = params[2], params[3]
+    layer = clipped_zoom(normal, zoom)
+    layer = torch.where(layer < threshold, torch.zeros_like(layer), layer)
+    return torch.floor(layer.clamp(0, 1) * 255)  # to PIL 'L' by truncation
 
 
 def snow_layer(normal: torch.Tensor, params: tuple, angles: torch.Tensor) -> torch.Tensor:
     """The motion-blurred snow layer (N, 1, H, W) in [0, 1], on 8-bit levels."""
-    zoom, threshold, radius, sigma = params[2], params[3], params[4], params[5]
-    layer = clipped_zoom(normal, zoom)
-    layer = torch.where(layer < threshold, torch.zeros_like(layer), layer)
-    layer = torch.floor(layer.clamp(0, 1) * 255)  # to PIL 'L' by truncation
-    blurred = motion_blur(layer, radius, sigma, angles)
-    return torch.floor(blurred + 0.5).clamp(0, 255) / 255  # 8-bit PNG out of ImageMagick
+    radius, sigma = params[4], params[5]
+    flakes = snow_flakes(normal, params)
+    return magick_motion_blur(flakes, radius, sigma, angles) / 255  # 8-bit PNG out of ImageMagick
 
 
 def snow_apply(x: torch.Tensor, params: tuple, layer: torch.Tensor) -> torch.Tensor:
@@ -312,9 +308,9 @@ def snow_apply(x: torch.Tensor, params: tuple, layer: torch.Tensor) -> torch.Ten
 
 @register_corruption("snow", family="weather", capabilities={RANDOM},
                      description="motion-blurred snow layer over a brightened image")  # fmt: skip
-def snow(x: torch.Tensor, params: tuple, g: torch.Generator) -> torch.Tensor:
-    n, _, h, w = x.shape
-    normal, angles = snow_draws(n, h, w, params, g)
+def snow(x: torch.Tensor, params: tuple, rng: ImageRng) -> torch.Tensor:
+    _, _, h, w = x.shape
+    normal, angles = snow_draws(h, w, params, rng)
     return snow_apply(x, params, snow_layer(normal.to(x.device), params, angles))
 
 
@@ -481,9 +477,9 @@ def water_dist(l8: torch.Tensor) -> torch.Tensor:
     return torch.div(box_sum3(dist.float()).long() + 4, 9, rounding_mode="floor")
 
 
-def spatter_draws(n: int, h: int, w: int, params: tuple, g: torch.Generator) -> torch.Tensor:
-    """The normal fields N(loc, scale), (n, 1, h, w) float64 on the CPU."""
-    return params[0] + params[1] * _randn((n, 1, h, w), g)
+def spatter_draws(h: int, w: int, params: tuple, rng: ImageRng) -> torch.Tensor:
+    """The normal fields N(loc, scale), (N, 1, h, w) float64 on the CPU."""
+    return params[0] + params[1] * rng.randn((1, h, w))
 
 
 def spatter_liquid(normal: torch.Tensor, params: tuple) -> torch.Tensor:
@@ -516,7 +512,7 @@ def spatter_apply(x: torch.Tensor, params: tuple, liquid: torch.Tensor) -> torch
 
 @register_corruption("spatter", family="weather", capabilities={RANDOM, UINT8},
                      description="water (mode 0) or mud (mode 1) from a liquid layer")  # fmt: skip
-def spatter(x: torch.Tensor, params: tuple, g: torch.Generator) -> torch.Tensor:
-    n, _, h, w = x.shape
-    normal = spatter_draws(n, h, w, params, g)
+def spatter(x: torch.Tensor, params: tuple, rng: ImageRng) -> torch.Tensor:
+    _, _, h, w = x.shape
+    normal = spatter_draws(h, w, params, rng)
     return spatter_apply(x, params, spatter_liquid(normal.to(x.device), params))
