@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from normbench.errors import NormbenchError
-from normbench.norms import norm_class
+from normbench.norms import ACT, norm_class, norm_info
 
 #: Channel counts every check is run with (48 is not a multiple of 32: group rules get tested).
 CHANNELS = (16, 48)
@@ -128,6 +128,18 @@ def load_class(target: str) -> tuple[type[nn.Module], str]:
 def _owns_conv(cls) -> bool:
     # norm_class unwraps a partial (a norm name with options) to the class that has block()
     return callable(getattr(norm_class(cls), "block", None))
+
+
+def _declares_own_activation(cls) -> bool:
+    """Whether the norm says it carries its own nonlinearity (capability ``act``): in the registry,
+    or as the class attribute ``capabilities`` of a submitted or unregistered class."""
+    info = norm_info(cls)
+    if info is not None:
+        return info.has(ACT)
+    try:
+        return ACT in (getattr(norm_class(cls), "capabilities", ()) or ())
+    except Exception:  # noqa: BLE001 - a user's attribute may be anything
+        return False
 
 
 def _describe(err: BaseException) -> str:
@@ -298,6 +310,23 @@ def _run_checks(cls: Callable[..., nn.Module]) -> list[Check]:
         return None
 
     check("finite output on random, constant and large inputs", finite_outputs)
+
+    def without_own_activation() -> str | None:
+        # Models build the last norm of a residual branch with apply_act=False (see models.py).
+        for c in CHANNELS:
+            torch.manual_seed(0)
+            m = cls(c, apply_act=False)
+            for train in (True, False):
+                x = _inputs(c)
+                y = m.train(train)(x)
+                if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
+                    return "with apply_act=False forward does not keep the NCHW shape and dtype"
+                if not _finite(y):
+                    return "with apply_act=False the output is not finite"
+        return None
+
+    if _declares_own_activation(cls):
+        check("declared own nonlinearity can be left out (apply_act=False)", without_own_activation)
     return checks
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from normbench.contract import load_class
+from normbench.contract import check_norm, load_class
 from normbench.errors import NormbenchError
 from normbench.models import MODELS, NORM_ACT, BasicBlock, conv_norm_factory, create_model
 from normbench.norms import (
@@ -167,6 +167,25 @@ def test_a_submitted_norm_declares_its_own_activation(tmp_path):
         pairs = follows(forward_events(net, norm_classes=(cls,)))
         assert pairs and all(after != "act" for _, after in pairs)
         assert all(m.apply_act == (after != "add") for m, after in pairs)
+
+
+def test_the_contract_checks_a_declared_activation_can_be_left_out(tmp_path):
+    rule = "declared own nonlinearity can be left out (apply_act=False)"
+    for norm in ACT_NORMS:
+        report = check_norm(NORMS.get(norm).obj, measure_costs=False)
+        assert report.passed and rule in [c.name for c in report.checks], norm
+    # A class that declares the capability but has no apply_act argument breaks the rule.
+    path = tmp_path / "no_switch.py"
+    path.write_text(
+        SUBMITTED.replace(", apply_act=True", "").replace(
+            "self.apply_act = apply_act", "self.apply_act = True"
+        )
+    )
+    cls, _ = load_class(f"{path}:ShiftedTanhNorm")
+    failed = [c for c in check_norm(cls, measure_costs=False).checks if not c.passed]
+    assert [c.name for c in failed] == [rule] and "apply_act" in failed[0].message
+    # The rule is asked only of norms that declare the capability.
+    assert rule not in [c.name for c in check_norm(NORMS.get("batchnorm").obj).checks]
 
 
 # --- the source hash ------------------------------------------------------------------------------
