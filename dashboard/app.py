@@ -40,6 +40,8 @@ if db_state is not DatabaseState.ready:
 
 common.sidebar_selection(url)
 st.sidebar.caption(f"Database: `{message}`")
+if note := common.kept_apart():
+    st.info(note)
 
 pages = [
     st.Page(VIEWS / "leaderboard.py", title="Leaderboard", icon=":material/trophy:", default=True),

@@ -1,5 +1,6 @@
 """What every dashboard page shares: the database URL, the cached read-only queries and the
-sidebar selection (suite, budget, dataset, model, optimizer)."""
+sidebar selection (suite, budget, dataset, model, optimizer). Pages show the newest protocol
+version of the chosen suite and budget; runs of older versions are counted, never mixed in."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import streamlit as st
 
 from dashboard import data as D
 from normbench import config
-from normbench.leaderboard import Selection
+from normbench.leaderboard import Selection, kept_apart_note
 
 #: Seconds a query result is reused; a running suite shows up on the next refresh after this.
 CACHE_SECONDS = 30
@@ -77,6 +78,11 @@ def sidebar_selection(url: str) -> Selection:
     budgets = sorted(options.budget.unique())
     budget = st.sidebar.selectbox("Budget", budgets, key="budget")
     options = options[options.budget == budget]
+    versions = options.groupby("protocol_version").runs.sum().to_dict()
+    version = int(max(versions))
+    st.session_state["kept_apart"] = kept_apart_note(versions, version)
+    st.sidebar.caption(f"Protocol version {version}")
+    options = options[options.protocol_version == version]
 
     def narrow(label: str, column: str) -> tuple[str, ...]:
         values = sorted(options[column].unique())
@@ -89,6 +95,7 @@ def sidebar_selection(url: str) -> Selection:
         datasets=narrow("Dataset", "dataset"),
         models=narrow("Model", "model"),
         optimizers=narrow("Optimizer", "optimizer"),
+        protocol_version=version,
     )
     st.session_state["selection"] = sel
     return sel
@@ -96,6 +103,11 @@ def sidebar_selection(url: str) -> Selection:
 
 def selection() -> Selection:
     return st.session_state["selection"]
+
+
+def kept_apart() -> str | None:
+    """The sentence about runs of other protocol versions left off these pages, if any."""
+    return st.session_state.get("kept_apart")
 
 
 def pair_label(df: pd.DataFrame) -> pd.Series:

@@ -41,7 +41,7 @@ RANKINGS: dict[str, tuple[str, bool]] = {
     "mean corruption accuracy": (f"{CORRUPTION_ACCURACY}_mean", True),
     "mCE": (f"{MCE}_mean", False),
     "relative mCE": (f"{RELATIVE_MCE}_mean", False),
-    "training throughput vs BatchNorm": ("throughput_ratio", True),
+    "speed vs BatchNorm (side by side)": (f"{M.SPEED_VS_BN}_mean", True),
 }
 _RANK_METRIC = {
     "clean accuracy": M.ACCURACY,
@@ -126,11 +126,11 @@ def database_state(engine: Engine) -> tuple[DatabaseState, str]:
 
 
 def choices(engine: Engine) -> pd.DataFrame:
-    """Every (suite, budget, dataset, model, optimizer) with its number of runs."""
-    query = select(
-        Run.suite, Run.budget, Run.dataset, Run.model, Run.optimizer, func.count(Run.id)
-    ).group_by(Run.suite, Run.budget, Run.dataset, Run.model, Run.optimizer)
-    columns = ["suite", "budget", "dataset", "model", "optimizer", "runs"]
+    """Every (suite, budget, protocol version, dataset, model, optimizer) with its number of
+    runs."""
+    keys = (Run.suite, Run.budget, Run.protocol_version, Run.dataset, Run.model, Run.optimizer)
+    query = select(*keys, func.count(Run.id)).group_by(*keys)
+    columns = ["suite", "budget", "protocol_version", "dataset", "model", "optimizer", "runs"]
     with engine.connect() as conn:
         return pd.DataFrame(conn.execute(query).all(), columns=columns)
 
@@ -147,6 +147,7 @@ def leaderboard_view(engine: Engine, sel: Selection, ranking: str) -> pd.DataFra
         datasets=sel.datasets,
         models=sel.models,
         optimizers=sel.optimizers,
+        protocol_version=sel.protocol_version,
     )
     if table.empty:
         return table
@@ -250,7 +251,9 @@ def runs(engine: Engine, *, norm: str | None = None, sel: Selection | None = Non
 
 
 def norm_speed(engine: Engine, name: str) -> pd.DataFrame:
-    """The norm's rows of the speed table (``normbench bench norms``), newest first."""
+    """The norm's rows of the speed table (``normbench bench norms``), newest first; the
+    interquartile range of the interleaved pairs' ratios and the precision come from each row's
+    provenance (absent in rows measured before they were recorded)."""
     query = (
         select(
             NormSpeed.created_at,
@@ -260,13 +263,19 @@ def norm_speed(engine: Engine, name: str) -> pd.DataFrame:
             NormSpeed.images_per_s,
             NormSpeed.ratio_to_batchnorm,
             NormSpeed.peak_memory_mb,
+            NormSpeed.provenance,
         )  # fmt: skip
         .where(NormSpeed.norm == name)
         .order_by(NormSpeed.created_at.desc())
     )
-    columns = ["measured", "model", "batch", "device", "images/s", "vs BatchNorm", "memory MB"]
+    columns = ["measured", "model", "batch", "device", "images/s", "vs BatchNorm", "memory MB",
+               "provenance"]  # fmt: skip
     with engine.connect() as conn:
-        return pd.DataFrame(conn.execute(query).all(), columns=columns)
+        df = pd.DataFrame(conn.execute(query).all(), columns=columns)
+    provenance = df.pop("provenance")
+    df.insert(6, "IQR", [p.get("ratio_iqr") for p in provenance])
+    df.insert(4, "precision", [p.get("precision") for p in provenance])
+    return df
 
 
 def norms(engine: Engine) -> list[str]:

@@ -156,7 +156,9 @@ def _run_suite(
 
         reference = (s.spec.reference.norm, s.spec.reference.optimizer)
         alexnet = s.spec.corruption_set == "imagenet-c"
-        if not update_mce(store.engine, s.name, budget_name, reference, alexnet=alexnet):
+        version = s.spec.protocol_version
+        if not update_mce(store.engine, s.name, budget_name, reference, alexnet=alexnet,
+                          protocol_version=version):  # fmt: skip
             err.print(f"mCE not computed yet: the reference pair {' + '.join(reference)} has no "
                       f"finished run at budget {budget_name}.")  # fmt: skip
     counts: dict[str, int] = {}
@@ -309,8 +311,10 @@ def leaderboard(
     format: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
     db: Db = None,
 ) -> None:
-    """Rank the norm x optimizer pairs of a suite (mean ± std over seeds)."""
+    """Rank the norm x optimizer pairs of a suite (mean ± std over seeds) under the suite's
+    current protocol version; runs of other versions are counted, never mixed in."""
     from normbench import metrics as M
+    from normbench.leaderboard import kept_apart_note, protocol_versions
     from normbench.leaderboard import leaderboard as query
     from normbench.store import open_store
     from normbench.suites import default_budget, load_suite
@@ -320,12 +324,16 @@ def leaderboard(
     rank_by = "corruption_accuracy" if robustness else M.ACCURACY
     budget_name = budget.value if budget else default_budget()
     store = open_store(config.db_url(db))
-    table = query(store.engine, s.name, budget_name, rank_by=rank_by)
+    version = s.spec.protocol_version
+    table = query(store.engine, s.name, budget_name, rank_by=rank_by, protocol_version=version)
+    note = kept_apart_note(protocol_versions(store.engine, s.name, budget_name), version)
+    if note:
+        err.print(f"[yellow]{note}[/yellow]")
     if table.empty:
         err.print(
-            f"No runs of suite {s.name!r} at budget {budget_name!r} in "
-            f"{store.engine.url.render_as_string()}. Produce some with `normbench run "
-            f"--suite {s.name} --budget {budget_name}`."
+            f"No runs of suite {s.name!r} (protocol version {version}) at budget "
+            f"{budget_name!r} in {store.engine.url.render_as_string()}. Produce some with "
+            f"`normbench run --suite {s.name} --budget {budget_name}`."
         )
         if format is not Format.table:
             typer.echo("[]" if format is Format.json else "")
@@ -336,7 +344,8 @@ def leaderboard(
     if format is Format.json:
         typer.echo(json.dumps(json.loads(table.to_json(orient="records")), indent=1))
         return
-    out.print(_leaderboard_table(table, f"{s.name} / {budget_name}", robustness))
+    title = f"{s.name} / {budget_name} (protocol version {version})"
+    out.print(_leaderboard_table(table, title, robustness))
 
 
 def _leaderboard_table(table, title: str, robustness: bool) -> Table:
@@ -344,6 +353,10 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
 
     def mean_std(metric: str):
         return lambda r: _pct(r.get(f"{metric}_mean"), r.get(f"{metric}_std"))
+
+    def speed(r) -> str:
+        ratio, iqr = r.get(f"{M.SPEED_VS_BN}_mean"), r.get(f"{M.SPEED_VS_BN_IQR}_mean")
+        return _num(ratio, "{:.2f}x") + ("" if _missing(iqr) else f" (IQR {iqr:.2f})")
 
     def worst(r) -> str:
         if _missing(r.get("worst_corruption")):
@@ -370,11 +383,18 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
         ]
     columns += [
         ("n", lambda r: str(r["n"])),
-        ("speed vs BN", lambda r: _num(r.get("throughput_ratio"), "{:.2f}x")),
+        ("speed vs BN", speed),
+        ("own images/s", lambda r: _num(r.get(f"{M.TRAIN_THROUGHPUT}_mean"), "{:,.0f}")),
         ("wall s", lambda r: _num(r.get(f"{M.WALL_TIME}_mean"), "{:.0f}")),
         ("runs", lambda r: r["status"]),
     ]
-    t = Table(title=title)
+    caption = (
+        "speed vs BN: each run's model timed against the same model with BatchNorm in its own "
+        "process, in interleaved repetitions (median, interquartile range), mean over seeds. "
+        "own images/s: the run's own throughput, measured during training (depends on what else "
+        "the machine was doing)."
+    )
+    t = Table(title=title, caption=caption)
     for header, _ in columns:
         t.add_column(header, no_wrap=header in ("norm", "optimizer"))
     for row in table.to_dict("records"):
@@ -426,6 +446,12 @@ def dashboard(
     raise typer.Exit(code)
 
 
+class Precision(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 @bench_app.command("norms")
 @user_errors
 def bench_norms(
@@ -433,12 +459,18 @@ def bench_norms(
         str | None, typer.Option(help="Comma-separated norms (default: every registered one).")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 64,
-    steps: Annotated[int, typer.Option(min=1, help="Timed steps per norm (median).")] = 5,
+    pairs: Annotated[
+        int, typer.Option(min=2, help="Interleaved repetitions of each norm and BatchNorm.")
+    ] = 7,
+    precision: Annotated[
+        Precision, typer.Option(help="As a budget's precision: auto = bf16 where fast, else fp32.")
+    ] = Precision.auto,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: best).")] = None,
     db: Db = None,
 ) -> None:
-    """Forward + backward speed and memory of each norm in ResNet-20, as a ratio to BatchNorm,
-    and whether it holds the norm contract."""
+    """Training-step speed (forward + backward, channels_last, the precision's autocast) and
+    memory of each norm in ResNet-20, side by side with BatchNorm in interleaved repetitions, and
+    whether it holds the norm contract."""
     import torch
 
     from normbench import runtime
@@ -455,30 +487,41 @@ def bench_norms(
     # Unknown names fail here, with the closest matches; names with options become canonical.
     names = [NORMS.info(name).name for name in names]
     dev = runtime.resolve_device(device)
-    err.print(f"{len(names)} norm(s) in {MODEL}, batch {batch_size}, on {dev} "
-              f"({torch.get_num_threads()} threads)")  # fmt: skip
-    rows = speed_table(names, batch_size, steps, dev)
+    dtype = runtime.autocast_dtype(precision.value, dev)
+    resolved = "bf16" if dtype is torch.bfloat16 else "fp32"
+    setup = f"{MODEL}, batch {batch_size}, {resolved}, channels_last, {dev}"
+    err.print(f"{len(names)} norm(s) in {setup} ({torch.get_num_threads()} threads), each "
+              f"side by side with BatchNorm in {pairs} interleaved pairs")  # fmt: skip
+    rows = speed_table(names, batch_size, pairs, dev, dtype)
     contract = {}
     for r in rows:
         report = check_norm(NORMS.get(r.norm).obj, r.norm, measure_costs=False)
         contract[r.norm] = "holds" if report.passed else "; ".join(report.failures())
     memory_label = "peak MB" if dev.type == "cuda" else "saved MB"
-    t = Table(title=f"norm speed: {MODEL}, batch {batch_size}, {dev}")
-    headers = ("norm", "images/s", "vs BatchNorm", memory_label, "params", "contract", "note")
+    t = Table(
+        title=f"norm speed: {setup}",
+        caption="vs BatchNorm: median ratio of images/s over interleaved pairs timed in this "
+        "process (IQR: interquartile range of the pairs); batchnorm's row is a second BatchNorm "
+        "model, the noise of the measurement.",
+    )
+    headers = ("norm", "images/s", "vs BatchNorm", "IQR", memory_label, "params", "contract",
+               "note")  # fmt: skip
     for header in headers:
         t.add_column(header, no_wrap=header == "norm")
-    provenance = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps}
+    provenance = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "precision": resolved, "channels_last": True, "pairs": pairs}  # fmt: skip
     with store.session() as s, s.begin():
         for r in rows:
             t.add_row(r.norm, _num(r.images_per_s, "{:,.0f}"), _num(r.ratio, "{:.2f}x"),
-                      _num(r.memory_mb, "{:.1f}"), f"{r.params:,}", contract[r.norm],
-                      r.error)  # fmt: skip
+                      _num(r.iqr, "{:.2f}"), _num(r.memory_mb, "{:.1f}"), f"{r.params:,}",
+                      contract[r.norm], r.error)  # fmt: skip
             if r.error:
                 continue
             s.add(NormSpeed(
                 norm=r.norm, model=MODEL, batch_size=batch_size, device=str(dev),
                 images_per_s=r.images_per_s, ratio_to_batchnorm=r.ratio,
-                peak_memory_mb=r.memory_mb, param_count=r.params, provenance=provenance,
+                peak_memory_mb=r.memory_mb, param_count=r.params,
+                provenance={**provenance, "ratio_iqr": r.iqr},
             ))  # fmt: skip
     out.print(t)
 

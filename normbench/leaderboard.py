@@ -1,9 +1,14 @@
 """Leaderboard queries: norm x optimizer rows aggregated over seeds, in SQL.
 
 Means and standard deviations are computed from ``count``, ``avg(x)`` and ``avg(x*x)`` in the
-database, so the query cost does not grow with Python loops over runs. Throughput is compared as a
-ratio to BatchNorm with the same optimizer on the same device, then averaged over devices.
+database, so the query cost does not grow with Python loops over runs. A norm's speed is the
+ratio to BatchNorm each run measured side by side in its own process (``speed_vs_batchnorm``),
+averaged over seeds; never a division of throughputs that runs measured at different times under
+different machine load. Each run's own training throughput is shown as a property of that run.
 Only finished runs give numbers; failed, diverged and interrupted runs are counted in ``status``.
+
+A board holds one protocol version of a suite: runs made under another version (the suite's
+protocol changed since) are kept apart and counted, never mixed in (:func:`kept_apart_note`).
 """
 
 from __future__ import annotations
@@ -21,24 +26,28 @@ from normbench.store.models import Metric, Run, RunStatus
 
 REFERENCE_NORM = "batchnorm"
 SUMMARY_METRICS = (
-    M.ACCURACY, M.LOSS, M.ECE, M.TRAIN_THROUGHPUT, M.WALL_TIME, M.PARAM_COUNT,
+    M.ACCURACY, M.LOSS, M.ECE, M.TRAIN_THROUGHPUT, M.SPEED_VS_BN, M.SPEED_VS_BN_IQR,
+    M.WALL_TIME, M.PARAM_COUNT, M.PEAK_MEMORY,
     CORRUPTION_ACCURACY, EXTRA_ACCURACY, MCE, RELATIVE_MCE,
 )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Which runs a leaderboard covers: one suite and budget, optionally only some datasets,
-    models and optimizers (empty means all)."""
+    """Which runs a leaderboard covers: one suite, budget and protocol version, optionally only
+    some datasets, models and optimizers (empty means all)."""
 
     suite: str
     budget: str
     datasets: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     optimizers: tuple[str, ...] = ()
+    protocol_version: int | None = None  # None: every version (only for counting them)
 
     def runs(self) -> tuple:
         clauses = [Run.suite == self.suite, Run.budget == self.budget]
+        if self.protocol_version is not None:
+            clauses.append(Run.protocol_version == self.protocol_version)
         for column, values in (
             (Run.dataset, self.datasets),
             (Run.model, self.models),
@@ -79,24 +88,28 @@ def _metric_stats(engine: Engine, sel: Selection) -> pd.DataFrame:
         )
 
 
-def _throughput_ratios(engine: Engine, sel: Selection) -> pd.DataFrame:
+def protocol_versions(engine: Engine, suite: str, budget: str) -> dict[int, int]:
+    """The number of runs of ``suite`` at ``budget`` per protocol version."""
     query = (
-        select(Run.norm, Run.optimizer, Run.device, func.avg(Metric.value).label("rate"))
-        .join(Metric, Metric.run_id == Run.id)
-        .where(
-            *sel.finished_runs(),
-            Metric.name == M.TRAIN_THROUGHPUT,
-        )
-        .group_by(Run.norm, Run.optimizer, Run.device)
+        select(Run.protocol_version, func.count(Run.id))
+        .where(Run.suite == suite, Run.budget == budget)
+        .group_by(Run.protocol_version)
     )
     with engine.connect() as conn:
-        df = pd.DataFrame(
-            conn.execute(query).all(), columns=["norm", "optimizer", "device", "rate"]
-        )
-    ref = df[df.norm == REFERENCE_NORM][["optimizer", "device", "rate"]]
-    df = df.merge(ref, on=["optimizer", "device"], how="left", suffixes=("", "_ref"))
-    df["throughput_ratio"] = df.rate / df.rate_ref
-    return df.groupby(["norm", "optimizer"], as_index=False).throughput_ratio.mean()
+        return dict(conn.execute(query).all())
+
+
+def kept_apart_note(versions: dict[int, int], shown: int) -> str | None:
+    """What the board leaves out because it was made under another protocol version, or None."""
+    others = {v: n for v, n in sorted(versions.items()) if v != shown}
+    if not others:
+        return None
+    parts = [f"{n} run{'' if n == 1 else 's'} of protocol version {v}" for v, n in others.items()]
+    verb = "is" if sum(others.values()) == 1 else "are"
+    return (
+        f"{' and '.join(parts)} {verb} kept apart (this board shows protocol version {shown}, "
+        "and numbers of different protocols are never mixed); rerun to compare."
+    )
 
 
 def _worst_corruptions(engine: Engine, sel: Selection) -> pd.DataFrame:
@@ -156,10 +169,17 @@ def leaderboard(
     datasets: tuple[str, ...] = (),
     models: tuple[str, ...] = (),
     optimizers: tuple[str, ...] = (),
+    protocol_version: int | None = None,
 ) -> pd.DataFrame:
-    """One row per norm x optimizer: ``<metric>_mean``/``_std`` for the summary metrics, ``n``
-    (finished seeds), ``throughput_ratio``, ``runs``, ``status`` and ``rank`` (by ``rank_by``)."""
-    sel = Selection(suite, budget, tuple(datasets), tuple(models), tuple(optimizers))
+    """One row per norm x optimizer of one protocol version (default: the newest with runs):
+    ``<metric>_mean``/``_std`` for the summary metrics, ``n`` (finished seeds), ``runs``,
+    ``status``, ``protocol_version`` and ``rank`` (by ``rank_by``)."""
+    if protocol_version is None:
+        protocol_version = max(protocol_versions(engine, suite, budget), default=None)
+        if protocol_version is None:
+            return pd.DataFrame()
+    sel = Selection(suite, budget, tuple(datasets), tuple(models), tuple(optimizers),
+                    protocol_version)  # fmt: skip
     counts = _status_counts(engine, sel)
     if counts.empty:
         return pd.DataFrame()
@@ -177,14 +197,14 @@ def leaderboard(
         n = stats[stats.metric == rank_by][["norm", "optimizer", "n"]]
         table = counts.merge(wide.reset_index(), on=["norm", "optimizer"], how="left")
         table = table.merge(n, on=["norm", "optimizer"], how="left")
-        for extra in (_throughput_ratios, _worst_corruptions):
-            found = extra(engine, sel)
-            if not found.empty:
-                table = table.merge(found, on=["norm", "optimizer"], how="left")
-    for column in (f"{rank_by}_mean", "n", "throughput_ratio"):
+        worst = _worst_corruptions(engine, sel)
+        if not worst.empty:
+            table = table.merge(worst, on=["norm", "optimizer"], how="left")
+    for column in (f"{rank_by}_mean", "n", f"{M.SPEED_VS_BN}_mean", f"{M.TRAIN_THROUGHPUT}_mean"):
         if column not in table:
             table[column] = math.nan
     table["n"] = table["n"].fillna(0).astype(int)
+    table["protocol_version"] = protocol_version
     ascending = rank_by in (M.LOSS, M.ECE, M.WALL_TIME, MCE, RELATIVE_MCE)
     table = table.sort_values(f"{rank_by}_mean", ascending=ascending, na_position="last")
     table.insert(0, "rank", range(1, len(table) + 1))

@@ -16,11 +16,21 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 ACCURACY = "accuracy"  # fraction correct, [0, 1]
 LOSS = "loss"  # mean cross-entropy (no label smoothing)
 ECE = "ece"  # expected calibration error, 15 equal-width bins, L1
+# The run's own training throughput, measured while it trained: it depends on whatever else
+# the machine was doing at the time, so it is a property of the run, not of the norm.
 TRAIN_THROUGHPUT = "train_images_per_s"  # steady state, warm-up steps excluded
+# The norm's speed: images/s of a training step (forward + backward) of the run's model
+# configuration with the run's norm divided by the same with BatchNorm, timed in one process in
+# interleaved repetitions at the end of the run; the median over the pairs of repetitions, and
+# the interquartile range of the pairs' ratios. Machine load slows both sides alike.
+SPEED_VS_BN = "speed_vs_batchnorm"
+SPEED_VS_BN_IQR = "speed_vs_batchnorm_iqr"
 EVAL_THROUGHPUT = "eval_images_per_s"  # steady state, first batch excluded
 TRAIN_TIME = "train_time_s"  # seconds spent in training steps (evaluation excluded)
 WALL_TIME = "wall_time_s"  # seconds from start to end of the run, data loading included
-PEAK_MEMORY = "peak_memory_mb"  # CUDA: peak allocated; CPU: peak resident set of the process
+# The run's own peak memory above what the process held when the run started (training and
+# evaluation; see runtime.RunMemory): CUDA: tensor memory allocated; CPU: resident set size.
+PEAK_MEMORY = "run_peak_memory_mb"
 PARAM_COUNT = "param_count"
 EPOCHS = "epochs"
 

@@ -92,16 +92,26 @@ def _errors_by_run(session: Session, run_ids: list[int]) -> dict[int, dict]:
 
 
 def update_mce(
-    engine: Engine, suite: str, budget: str, reference: tuple[str, str], alexnet: bool = False
+    engine: Engine,
+    suite: str,
+    budget: str,
+    reference: tuple[str, str],
+    alexnet: bool = False,
+    *,
+    protocol_version: int,
 ) -> int:
-    """Recompute mCE rows of every finished run of ``suite``/``budget``; returns how many runs
+    """Recompute mCE rows of every finished run of ``suite``/``budget`` at ``protocol_version``
+    (a reference run of another protocol never normalises these); returns how many runs
     got them (0 when the reference has no finished run with corruption results). With
     ``alexnet`` (ImageNet-C), errors are normalised by AlexNet's published errors instead, and
     relative mCE is not computed (its clean error is not part of that reference)."""
     with Session(engine) as session, session.begin():
         runs = session.scalars(
             select(Run).where(
-                Run.suite == suite, Run.budget == budget, Run.status == RunStatus.finished
+                Run.suite == suite,
+                Run.budget == budget,
+                Run.protocol_version == protocol_version,
+                Run.status == RunStatus.finished,
             )
         ).all()
         errors = _errors_by_run(session, [r.id for r in runs])

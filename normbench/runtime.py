@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import os
 import platform
-import resource
 import subprocess
-import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +60,108 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in KiB on Linux (bytes on macOS); it is the process peak, not the run's.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+class RunMemory:
+    """The peak memory of one run above what the process held when the run started.
+
+    A process runs many runs one after another, so a process-wide peak would give every later
+    run the maximum of all earlier ones. Each run therefore measures its own:
+
+    - CUDA: the peak of memory allocated by tensors (``max_memory_allocated``, its statistics
+      reset at the start) minus what was allocated at the start.
+    - CPU (Linux): the peak resident set size of the process (``VmHWM``, reset at the start
+      through ``/proc/self/clear_refs``) minus the resident set at the start. Heap memory that
+      earlier work freed is handed back to the system first (glibc ``malloc_trim``); otherwise
+      a run could reuse it without the resident set growing and report too little. Where the
+      kernel refuses the reset, a thread samples the resident set every few milliseconds (a
+      peak shorter than that can be missed). Without ``/proc`` nothing is measured (NaN).
+
+    Use as a context manager; :meth:`peak_mb` reads the peak so far, and after the block the
+    peak of the block (the kernel's record is process-wide, so the next run resets it).
+    """
+
+    SAMPLE_SECONDS = 0.005
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._baseline = 0
+        self._sampled_peak = 0
+        self._sampler: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._kernel_peak = False
+        self._final: float | None = None
+
+    def __enter__(self) -> RunMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._baseline = torch.cuda.memory_allocated(self.device)
+            return self
+        _release_freed_heap()
+        self._baseline = _resident_bytes() or 0
+        self._kernel_peak = _reset_peak_resident()
+        if not self._kernel_peak and _resident_bytes() is not None:
+            self._sampled_peak = self._baseline
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._final = self.peak_mb()
+        self._stop.set()
+        if self._sampler is not None:
+            self._sampler.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.SAMPLE_SECONDS):
+            self._sampled_peak = max(self._sampled_peak, _resident_bytes() or 0)
+
+    def peak_mb(self) -> float:
+        """MB above the start at the run's peak so far (NaN where it cannot be measured)."""
+        if self._final is not None:
+            return self._final
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._kernel_peak:
+            peak = _status_bytes("VmHWM") or 0
+        elif self._sampler is not None:
+            peak = max(self._sampled_peak, _resident_bytes() or 0)
+        else:
+            return float("nan")
+        return max(peak - self._baseline, 0) / 2**20
+
+
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (given there in kB), in bytes."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_resident() -> bool:
+    """Reset the kernel's record of the process's peak resident set; whether that worked."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+    except OSError:
+        return False
+    return _status_bytes("VmHWM") is not None
+
+
+def _resident_bytes() -> int | None:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release_freed_heap() -> None:
+    """Give the heap memory that glibc keeps after a free back to the system (no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 @functools.cache

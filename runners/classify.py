@@ -29,9 +29,10 @@ from normbench.data import NORMALIZATION, TensorLoader, load_dataset
 from normbench.metrics import Evaluation, MetricRow
 from normbench.models import conv_norm_factory, create_model, parameter_count
 from normbench.norms import norm_source_sha256
+from normbench.normspeed import REFERENCE, build_model, side_by_side, training_batch
 from normbench.optim import create_optimizer, lr_factor
 from normbench.robustness import aggregate_rows
-from normbench.runtime import autocast_dtype, peak_memory_mb
+from normbench.runtime import RunMemory, autocast_dtype
 from normbench.suites import RunSpec
 
 WARMUP_STEPS = 5  # steps per epoch left out of the throughput figure (allocator, kernel choice)
@@ -165,7 +166,37 @@ def run(
     checkpoint: Path | None = None,
     progress: Progress | None = None,
 ) -> RunResult:
-    progress = progress or Progress()
+    """Train and evaluate ``spec``; then time its norm side by side with BatchNorm."""
+    with RunMemory(device) as memory:
+        return _run(spec, device, data_dir, checkpoint, progress or Progress(), memory)
+
+
+def speed_vs_batchnorm(
+    spec: RunSpec, device: torch.device, dtype: torch.dtype | None, image_shape, num_classes: int
+) -> list[MetricRow]:
+    """The run's model configuration with its norm, timed against the same with BatchNorm in
+    interleaved repetitions in this process (see ``normbench.normspeed``)."""
+    s = spec.settings
+    candidate, reference = (
+        build_model(s["model"], norm, num_classes, device, **s["model_args"])
+        for norm in (spec.norm, REFERENCE)
+    )
+    x, y = training_batch(s["batch_size"], tuple(image_shape), num_classes, device)
+    speed = side_by_side(candidate, reference, x, y, dtype=dtype, pairs=s["speed_pairs"])
+    return [
+        MetricRow(M.SPEED_VS_BN, speed.ratio, "train"),
+        MetricRow(M.SPEED_VS_BN_IQR, speed.iqr, "train"),
+    ]
+
+
+def _run(
+    spec: RunSpec,
+    device: torch.device,
+    data_dir: str | Path | None,
+    checkpoint: Path | None,
+    progress: Progress,
+    memory: RunMemory,
+) -> RunResult:
     s = spec.settings
     wall_start = time.perf_counter()
     dtype = autocast_dtype(s["precision"], device)
@@ -303,7 +334,6 @@ def run(
         MetricRow(M.PARAM_COUNT, float(parameter_count(model))),
         MetricRow(M.EPOCHS, float(result.epochs_done)),
         MetricRow(M.TRAIN_TIME, train_seconds),
-        MetricRow(M.PEAK_MEMORY, peak_memory_mb(device)),
     ]
     if timed_seconds > 0:
         rows.append(MetricRow(M.TRAIN_THROUGHPUT, timed_images / timed_seconds, "train"))
@@ -321,5 +351,13 @@ def run(
             )
     # Wall time sums the sessions of a resumed run (each from its own start, data loading included).
     rows.append(MetricRow(M.WALL_TIME, earlier_wall + time.perf_counter() - wall_start))
+    rows.append(MetricRow(M.PEAK_MEMORY, memory.peak_mb()))  # before the speed check's models
+    if result.status == "finished":
+        shape, classes = train_set.images.shape[1:], len(train_set.classes)
+        del model, optimizer  # the speed check builds its own two models
+        try:
+            rows += speed_vs_batchnorm(spec, device, dtype, shape, classes)
+        except torch.OutOfMemoryError:  # the trained run stands; only its speed ratio is missing
+            result.info["speed_vs_batchnorm"] = "not measured: out of memory"
     result.metrics = rows
     return result

@@ -33,7 +33,7 @@ def leaderboard_json(db: str, suite: str = "cifar10") -> list[dict]:
     args = (f"--suite={suite}", "--budget=smoke", f"--db={db}", "--format=json")
     result = invoke("leaderboard", *args)
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)  # notes go to stderr
 
 
 @functools.cache
@@ -63,6 +63,7 @@ batch_size = 128
 train_subset = 512
 test_subset = 256
 precision = "fp32"
+speed_pairs = 2
 optimizers.sgd = {{ lr = {lr}, momentum = 0.9 }}
 """
 

@@ -4,6 +4,7 @@ a cifar-c run of two norms, and a cifar10 run whose learning rate makes it diver
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import stat
@@ -248,3 +249,38 @@ def test_in_a_real_browser(results_db, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_runs_of_an_older_protocol_version_are_kept_apart(monkeypatch, cifar_dir, tmp_path):
+    """A run made before the suite's protocol version changed never joins the new board: the
+    CLI and the dashboard show only the current version and say how many runs they left out."""
+    db = tmp_path / "versions.db"
+    suite = tiny_suite(tmp_path, name="versioned")
+
+    def run(norm: str) -> None:
+        result = invoke("run", f"--suite={suite}", "--budget=smoke", f"--norms={norm}",
+                        f"--db={db}")  # fmt: skip
+        assert result.exit_code == 0, result.output
+
+    def board() -> tuple[list[dict], str]:
+        result = invoke("leaderboard", f"--suite={suite}", "--budget=smoke", f"--db={db}",
+                        "--format=json")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout), " ".join(result.stderr.split())
+
+    run("batchnorm")
+    suite.write_text(suite.read_text().replace("protocol_version = 1", "protocol_version = 2"))
+    rows, note = board()
+    assert rows == []
+    assert "1 run of protocol version 1 is kept apart" in note and "rerun to compare" in note
+    run("layernorm")
+    rows, note = board()
+    assert [(r["norm"], r["protocol_version"], r["runs"]) for r in rows] == [("layernorm", 2, 1)]
+    assert "1 run of protocol version 1 is kept apart" in note
+    table = invoke("leaderboard", f"--suite={suite}", "--budget=smoke", f"--db={db}")
+    assert "protocol version 2" in table.output and "batchnorm" not in table.stdout
+
+    at = app(monkeypatch, db)
+    assert list(at.dataframe[0].value.norm) == ["layernorm"]
+    assert any("1 run of protocol version 1 is kept apart" in i.value for i in at.info)
+    assert "protocol version **2**" in "\n".join(c.value for c in at.caption)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import invoke, leaderboard_json, smoke_run
+from helpers import invoke, leaderboard_json, smoke_run, tiny_suite
 from sqlalchemy import select
 
 from normbench import metrics as M
@@ -68,15 +68,47 @@ def test_smoke_suite_trains_stores_and_ranks(cifar_dir, db):
     assert {r["norm"] for r in rows} == {"batchnorm", "layernorm"}
     assert rows[0]["accuracy_mean"] >= rows[1]["accuracy_mean"]
     by_norm = {r["norm"]: r for r in rows}
-    assert by_norm["batchnorm"]["throughput_ratio"] == pytest.approx(1.0)
     assert by_norm["batchnorm"]["accuracy_mean"] == pytest.approx(accuracy)
+    for norm, run in (("batchnorm", bn), ("layernorm", found["layernorm+sgd+0"])):
+        # The board's speed is the ratio each run measured side by side, not a division of two
+        # runs' own throughputs; those stay a property of each run.
+        speed = metric(db, run, M.SPEED_VS_BN, "train")
+        assert by_norm[norm]["speed_vs_batchnorm_mean"] == pytest.approx(speed) and speed > 0
+        assert by_norm[norm]["speed_vs_batchnorm_iqr_mean"] >= 0
+        own = metric(db, run, M.TRAIN_THROUGHPUT, "train")
+        assert by_norm[norm]["train_images_per_s_mean"] == pytest.approx(own)
+        assert by_norm[norm]["protocol_version"] == load_suite("cifar10").spec.protocol_version
     csv = invoke("leaderboard", "--suite=cifar10", "--budget=smoke", f"--db={db}", "--format=csv")
     assert csv.output.splitlines()[0].startswith("rank,norm,optimizer")
     table = invoke("leaderboard", "--suite=cifar10", "--budget=smoke", f"--db={db}")
     assert "batchnorm" in table.output and "layernorm" in table.output
+    caption = " ".join(table.output.split())
+    assert "in interleaved repetitions" in caption and "own throughput, measured during" in caption
 
     again = smoke_run(f"--db={db}")  # a finished run key is skipped unless forced
     assert "already finished" in again.output and "1 skipped" in again.output
+
+
+def test_each_run_measures_its_own_peak_memory_and_its_speed_side_by_side(cifar_dir, tmp_path, db):
+    """A small run after a big one in the same process reports its own, smaller peak (a
+    process-wide peak would repeat the big run's); and a norm known to be slower than BatchNorm
+    (ConvNorm preconditions every convolution with FFTs) measures slower side by side."""
+    big = tiny_suite(tmp_path, name="big-batches")
+    text = big.read_text().replace("batch_size = 128", "batch_size = 512")
+    big.write_text(text.replace("widths = [8, 8, 8, 8]", "widths = [16, 16, 16, 16]"))
+    small = tiny_suite(tmp_path, name="small")
+    for suite, norm in ((big, "batchnorm"), (small, "convnorm")):
+        result = invoke("run", f"--suite={suite}", "--budget=smoke", f"--norms={norm}",
+                        f"--db={db}")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    found = runs(db)
+    big_run, small_run = found["batchnorm+sgd+0"], found["convnorm+sgd+0"]
+    # 512 images x 16 channels x 32 x 32 float32 is 32 MB per activation of the big run.
+    assert 0 < metric(db, small_run, M.PEAK_MEMORY) < metric(db, big_run, M.PEAK_MEMORY) - 32
+    speed = metric(db, small_run, M.SPEED_VS_BN, "train")
+    assert speed < 1 and metric(db, small_run, M.SPEED_VS_BN_IQR, "train") >= 0
+    (row,) = leaderboard_json(db, suite=str(small))
+    assert row["speed_vs_batchnorm_mean"] == pytest.approx(speed)
 
 
 def test_same_seed_gives_same_numbers_and_seeds_aggregate(cifar_dir, db):

@@ -120,3 +120,34 @@ def test_unusable_database_url_is_a_clear_error(url):
     result = CliRunner().invoke(app, ["db", "upgrade", "--db", url])
     assert result.exit_code == 2 and "Cannot use the database URL" in result.output
     assert "Traceback" not in result.output
+
+
+def test_mce_is_normalised_only_by_reference_runs_of_the_same_protocol_version(tmp_path):
+    """The reference pair measured under protocol version 1 must not enter the mCE of runs made
+    under version 2, and version 1's own mCE rows are left as they were."""
+    from normbench.corruptions import BENCHMARK, SEVERITIES
+    from normbench.robustness import MCE, update_mce
+
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+
+    def finished(key: str, version: int, norm: str, accuracy: float) -> None:
+        spec = {**SPEC, "suite": "c", "protocol_version": version, "norm": norm}
+        store.begin_run(spec, key, device="cpu", provenance={}, config=spec, reset=True)
+        rows = [MetricRow("accuracy", accuracy + 0.1, "test")] + [  # clean, then corrupted
+            MetricRow("accuracy", accuracy, "test", c, s) for c in BENCHMARK for s in SEVERITIES
+        ]
+        store.finish_run(key, status=RunStatus.finished, metrics=rows, curves=[], epochs_done=1)
+
+    finished("ref-v1", 1, "batchnorm", 0.5)
+    assert update_mce(store.engine, "c", "smoke", ("batchnorm", "sgd"), protocol_version=1) == 1
+    finished("ref-v2", 2, "batchnorm", 0.8)  # error 0.2
+    finished("ln-v2", 2, "layernorm", 0.6)  # error 0.4: twice the reference's
+    assert update_mce(store.engine, "c", "smoke", ("batchnorm", "sgd"), protocol_version=2) == 2
+    with store.engine.connect() as conn:
+        mce = dict(conn.execute(
+            text("SELECT r.run_key, m.value FROM metrics m JOIN runs r ON r.id = m.run_id "
+                 "WHERE m.name = :name"), {"name": MCE},
+        ).all())  # fmt: skip
+    # Mixed with version 1's reference (error 0.5) it would be 100 * 0.4 / 0.35 = 114.3.
+    assert mce["ln-v2"] == pytest.approx(200.0)
+    assert mce["ref-v1"] == pytest.approx(100.0) and mce["ref-v2"] == pytest.approx(100.0)

@@ -233,10 +233,10 @@ def test_entry_point_norms_are_registered(tmp_path, monkeypatch):
 
 
 def test_bench_norms_measures_and_stores_a_speed_table(db, monkeypatch):
-    result = invoke("bench", "norms", "--norms=batchnorm,frn,sws", "--batch-size=4", "--steps=1",
+    result = invoke("bench", "norms", "--norms=batchnorm,frn,sws", "--batch-size=4", "--pairs=2",
                     f"--db={db}")  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "vs BatchNorm" in result.output and "1.00x" in result.output
+    assert "vs BatchNorm" in result.output
     assert result.output.count("holds") == 3  # the contract column
     from dashboard.data import norm_speed, readonly_engine
 
@@ -244,6 +244,5 @@ def test_bench_norms_measures_and_stores_a_speed_table(db, monkeypatch):
     for name in ("batchnorm", "frn", "sws"):
         rows = norm_speed(engine, name)
         assert len(rows) == 1 and rows["images/s"][0] > 0 and rows["memory MB"][0] > 0
-    assert norm_speed(engine, "batchnorm")["vs BatchNorm"][0] == 1.0
     result = invoke("bench", "norms", "--norms=batchnorn", f"--db={db}")
     assert result.exit_code == 2 and "batchnorm" in result.output

@@ -12,7 +12,10 @@ MEDALS = {1: "🥇", 2: "🥈", 3: "🥉"}
 
 url, sel = common.db_url(), common.selection()
 st.title("Leaderboard")
-st.caption(f"Suite **{sel.suite}**, budget **{sel.budget}**: finished runs, mean ± std over seeds.")
+st.caption(
+    f"Suite **{sel.suite}**, budget **{sel.budget}**, protocol version **{sel.protocol_version}**:"
+    " finished runs, mean ± std over seeds."
+)
 
 rankings = list(RANKINGS)
 robust = common.has_corruption_results(url, sel)
@@ -62,7 +65,9 @@ if robust:
     view["mCE"] = table.get("mce_mean")
     view["rel. mCE"] = table.get("relative_mce_mean")
     view["worst corruption"] = table.get("worst_corruption")
-view["speed vs BN"] = table.throughput_ratio
+view["speed vs BN"] = table.speed_vs_batchnorm_mean
+view["speed IQR"] = table.get("speed_vs_batchnorm_iqr_mean")
+view["own images/s"] = table.train_images_per_s_mean
 view["params vs BN"] = table.param_overhead
 view["seeds"] = table.n
 view["runs"] = table.status
@@ -73,7 +78,20 @@ st.dataframe(
     column_config={
         "mCE": st.column_config.NumberColumn(format="%.1f"),
         "rel. mCE": st.column_config.NumberColumn(format="%.1f"),
-        "speed vs BN": st.column_config.NumberColumn(format="%.2fx"),
+        "speed vs BN": st.column_config.NumberColumn(
+            format="%.2fx",
+            help="Training-step images/s relative to BatchNorm: each run's model timed against "
+            "the same model with BatchNorm in its own process, in interleaved repetitions "
+            "(median), mean over seeds. Independent of what else the machine was doing.",
+        ),
+        "speed IQR": st.column_config.NumberColumn(
+            format="%.2f", help="Interquartile range of the interleaved pairs' ratios."
+        ),
+        "own images/s": st.column_config.NumberColumn(
+            format="%.0f",
+            help="Own throughput, images/s, measured during training: a property of each run "
+            "that depends on the machine's load at the time; not a comparison between norms.",
+        ),
         "params vs BN": st.column_config.NumberColumn(format="percent"),
         "seeds": st.column_config.NumberColumn(help="finished seeds behind the mean"),
     },

@@ -37,14 +37,17 @@ else:
 speed = common.norm_speed(url, name)
 if not speed.empty:
     st.subheader("Speed")
-    st.caption("Forward + backward throughput in a fixed network, relative to BatchNorm measured "
-               "in the same process (`normbench bench norms`).")  # fmt: skip
+    st.caption("Training-step throughput (forward + backward, channels_last) in a fixed "
+               "network, relative to BatchNorm timed in the same process in interleaved "
+               "repetitions: median, and the interquartile range of the pairs' ratios "
+               "(`normbench bench norms`).")  # fmt: skip
     st.dataframe(
         speed,
         hide_index=True,
         column_config={
             "images/s": st.column_config.NumberColumn(format="%.0f"),
             "vs BatchNorm": st.column_config.NumberColumn(format="%.2fx"),
+            "IQR": st.column_config.NumberColumn(format="%.2f"),
             "memory MB": st.column_config.NumberColumn(format="%.1f"),
         },
     )

@@ -58,6 +58,8 @@ class Budget(_Strict):
     # test images evaluated per (corruption, severity), a fixed seeded subset; 0 = all 10,000
     corruption_subset: Annotated[int, Field(ge=0)] = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device has it
+    # interleaved repetitions of the run's model and the same with BatchNorm at the run's end
+    speed_pairs: Annotated[int, Field(ge=2)] = 7
     schedule: Literal[SCHEDULES] = "onecycle"  # type: ignore[valid-type]
     warmup: Fraction = 0.0  # fraction of training
     milestones: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = []  # fractions (multistep)
