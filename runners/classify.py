@@ -352,7 +352,7 @@ def _run(
     # Wall time sums the sessions of a resumed run (each from its own start, data loading included).
     rows.append(MetricRow(M.WALL_TIME, earlier_wall + time.perf_counter() - wall_start))
     rows.append(MetricRow(M.PEAK_MEMORY, memory.peak_mb()))  # before the speed check's models
-    if result.status == "finished":
+    if result.status == "finished" and s["speed_pairs"]:
         shape, classes = train_set.images.shape[1:], len(train_set.classes)
         del model, optimizer  # the speed check builds its own two models
         try:

@@ -105,3 +105,15 @@ def test_run_memory_is_each_runs_own_peak(monkeypatch, kernel_peak):
         _hold(20)
     assert 190 <= big.peak_mb() < 300
     assert 19 <= small.peak_mb() < 100  # not the 200 MB of the run before
+
+
+def test_a_budget_with_a_single_speed_pair_is_refused(tmp_path):
+    from helpers import tiny_suite
+
+    from normbench.errors import SuiteError
+    from normbench.suites import load_suite_file
+
+    suite = tiny_suite(tmp_path)
+    suite.write_text(suite.read_text().replace("speed_pairs = 2", "speed_pairs = 1"))
+    with pytest.raises(SuiteError, match="budgets.smoke.speed_pairs: a ratio needs at least 2"):
+        load_suite_file(suite)

@@ -59,7 +59,8 @@ class Budget(_Strict):
     corruption_subset: Annotated[int, Field(ge=0)] = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device has it
     # interleaved repetitions of the run's model and the same with BatchNorm at the run's end
-    speed_pairs: Annotated[int, Field(ge=2)] = 7
+    # (0: no speed check, so the board shows no speed for these runs)
+    speed_pairs: Annotated[int, Field(ge=0)] = 7
     schedule: Literal[SCHEDULES] = "onecycle"  # type: ignore[valid-type]
     warmup: Fraction = 0.0  # fraction of training
     milestones: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = []  # fractions (multistep)
@@ -197,6 +198,11 @@ def load_suite_file(path: Path) -> Suite:
         for opt, hparams in budget.optimizers.items():
             _check_name(OPTIMIZERS, opt, path, f"budgets.{bname}.optimizers.{opt}")
             _check_hparams(path, f"budgets.{bname}.optimizers.{opt}", opt, hparams)
+        if budget.speed_pairs == 1:
+            raise SuiteError(
+                f"{path}: budgets.{bname}.speed_pairs: a ratio needs at least 2 pairs of "
+                "repetitions (or 0 for no speed check)."
+            )
         if budget.schedule == "multistep" and not budget.milestones:
             raise SuiteError(
                 f"{path}: budgets.{bname}.milestones: required by schedule 'multistep'."
