@@ -69,7 +69,7 @@ def test_unknown_model_in_suite_file_names_file_key_and_match(tmp_path):
         (("epochs = 2", 'epochs = "two"'), ["budgets.smoke.epochs", "integer"]),
         (("warmup = 0.25", "warmup = 1.5"), ["budgets.smoke.warmup", "less than 1"]),
         (
-            ("protocol_version = 1", "protocol_version = 1\ncolour = 'red'"),
+            ('task = "classify"', "task = 'classify'\ncolour = 'red'"),
             ["colour", "unknown key"],
         ),
         (
