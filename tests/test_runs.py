@@ -15,6 +15,7 @@ from helpers import invoke, leaderboard_json, smoke_run, tiny_suite
 from sqlalchemy import select
 
 from normbench import metrics as M
+from normbench.corruptions.sets import ENGINE_VERSION
 from normbench.norms import NORMS, register_norm
 from normbench.store import CurvePoint, Metric, Run, RunStatus, open_store
 from normbench.suites import BUILTIN_DIR, load_suite, plan
@@ -233,9 +234,31 @@ def test_cifar_c_smoke_suite_evaluates_every_corruption_and_ranks(cifar_c_smoke_
         "weather",
         "digital",
     }
-    assert values["mce", ""] == pytest.approx(100.0)  # the reference pair against itself
+    # mCE of the other pair, recomputed from the stored accuracies of both runs (CE_c = sum over
+    # severities of its errors / the reference's, averaged over the 15 benchmark corruptions)
+    ln = found["layernorm+sgd+0"]
+    with open_store(f"sqlite:///{db}").session() as s:
+        accuracy = {
+            (run_id, c, sev): v
+            for run_id, c, sev, v in s.execute(
+                select(Metric.run_id, Metric.corruption, Metric.severity, Metric.value).where(
+                    Metric.name == M.ACCURACY, Metric.severity > 0
+                )
+            )
+        }
+        ln_mce = s.scalar(select(Metric.value).where(Metric.run_id == ln.id, Metric.name == "mce"))
+    corruptions = {c for _, c, _ in accuracy} - {"speckle_noise", "gaussian_blur", "spatter",
+                                                 "saturate"}  # fmt: skip
+
+    def errors(run_id, c):
+        return sum(1 - accuracy[run_id, c, sev] for sev in range(1, 6))
+
+    expected = 100 * sum(errors(ln.id, c) / errors(bn.id, c) for c in corruptions) / 15
+    assert len(corruptions) == 15 and ln_mce == pytest.approx(expected)
+    assert ln_mce != pytest.approx(100.0)  # a different pair, not the reference restated
     assert bn.provenance["mce_reference"] == "batchnorm + sgd, seeds [0]"
     assert bn.provenance["corruption_images_per_pair"] == 100
+    assert bn.provenance["corruption_engine"] == ENGINE_VERSION  # old caches are never mixed in
 
     board = leaderboard_json(db, suite="cifar-c")
     assert [r["rank"] for r in board] == [1, 2]
