@@ -188,6 +188,11 @@ def test_the_contract_checks_a_declared_activation_can_be_left_out(tmp_path):
     assert rule not in [c.name for c in check_norm(NORMS.get("batchnorm").obj).checks]
 
 
+def test_a_norm_name_cannot_switch_the_activation_the_model_decides():
+    with pytest.raises(NormbenchError, match="apply_act of 'frn' is set by the model's block"):
+        NORMS.get("frn(apply_act=False)")
+
+
 # --- the source hash ------------------------------------------------------------------------------
 
 

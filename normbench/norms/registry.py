@@ -98,6 +98,12 @@ class NormRegistry(Registry[NormFactory]):
             return entry
         known = norm_options(entry.obj)
         unknown = sorted(set(options) - set(known))
+        if set(unknown) & set(BLOCK_ARGUMENTS):
+            raise NormbenchError(
+                f"{', '.join(sorted(set(unknown) & set(BLOCK_ARGUMENTS)))} of {base!r} is set by "
+                "the model's block (its shape, and whether a norm's own nonlinearity applies), "
+                "not in a norm name."
+            )
         if unknown:
             offered = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
             raise NormbenchError(
