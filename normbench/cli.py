@@ -412,7 +412,6 @@ def dashboard(
     """Open the leaderboard dashboard (Streamlit) on the results database, read-only."""
     import os
     import socket
-    import subprocess
     import sys
     from importlib import resources
 
@@ -439,11 +438,11 @@ def dashboard(
     ]  # fmt: skip
     err.print(f"Dashboard on http://{address}:{port} for {url} (Ctrl-C stops it)")
     env = {**os.environ, "NORMBENCH_DB": url}
-    try:
-        code = subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The server replaces this process, so Ctrl-C and a service manager's SIGTERM reach
+    # Streamlit itself and no server is ever left running without its parent.
+    os.execve(sys.executable, command, env)
 
 
 class Precision(StrEnum):

@@ -251,6 +251,38 @@ def test_in_a_real_browser(results_db, tmp_path):
         server.wait(timeout=30)
 
 
+def test_sigterm_stops_the_dashboard_server_with_nothing_left_running(results_db):
+    """What a service manager does: SIGTERM to the process it started. The server is that
+    process (the command execs Streamlit), so stopping it frees the port."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    command = [sys.executable, "-m", "normbench.cli", "dashboard", f"--db={results_db}",
+               f"--port={port}"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(f"http://localhost:{port}", server)
+        with open(f"/proc/{server.pid}/cmdline", "rb") as f:
+            assert b"streamlit" in f.read()  # the started process is the server itself
+        server.terminate()
+        server.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("localhost", port))
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "a server still holds the port"
+                    time.sleep(0.5)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
 def test_runs_of_an_older_protocol_version_are_kept_apart(monkeypatch, cifar_dir, tmp_path):
     """A run made before the suite's protocol version changed never joins the new board: the
     CLI and the dashboard show only the current version and say how many runs they left out."""
