@@ -18,7 +18,6 @@ pass, which is what a norm adds to a step's peak.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from normbench.models import conv_norm_factory, create_model, parameter_count
+from normbench.runtime import autocast, synchronize
 
 MODEL = "resnet20"
 REFERENCE = "batchnorm"
@@ -65,17 +65,11 @@ def training_batch(
     return x.to(device, memory_format=torch.channels_last), y.to(device)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def _train_steps(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None, steps: int
 ) -> None:
     for _ in range(steps):
-        with _autocast(x.device, dtype):
+        with autocast(x.device, dtype):
             loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -101,15 +95,11 @@ def side_by_side(
         raise ValueError("time two distinct models (build the reference a second time)")
     device = x.device
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def seconds_per_step(model: nn.Module, steps: int) -> float:
-        sync()
+        synchronize(device)
         start = clock()
         _train_steps(model, x, y, dtype, steps)
-        sync()
+        synchronize(device)
         return (clock() - start) / steps
 
     for model in (candidate, reference):
@@ -159,7 +149,7 @@ def _saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype) -> i
         total += t.numel() * t.element_size()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(x.device, dtype):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(x.device, dtype):
         loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     model.zero_grad(set_to_none=True)

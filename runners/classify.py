@@ -8,7 +8,6 @@ A non-finite loss stops the run with status ``diverged`` and the step where it h
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from normbench.norms import norm_source_sha256
 from normbench.normspeed import REFERENCE, build_model, side_by_side, training_batch
 from normbench.optim import create_optimizer, lr_factor
 from normbench.robustness import aggregate_rows
-from normbench.runtime import RunMemory, autocast_dtype
+from normbench.runtime import RunMemory, autocast, autocast_dtype, synchronize
 from normbench.suites import RunSpec
 
 WARMUP_STEPS = 5  # steps per epoch left out of the throughput figure (allocator, kernel choice)
@@ -59,17 +58,6 @@ class Progress:
     on_eval_batch: Callable[[int, int], None] = lambda done, total: None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -86,15 +74,15 @@ def evaluate(
     timed_images, start = 0, None
     for i, (x, y) in enumerate(loader):
         if i == skip:
-            _sync(loader.device)
+            synchronize(loader.device)
             start = time.perf_counter()
-        with _autocast(loader.device, dtype):
+        with autocast(loader.device, dtype):
             logits.append(model(x).float())
         labels.append(y)
         if i >= skip:
             timed_images += len(y)
         on_batch(i + 1, len(loader))
-    _sync(loader.device)
+    synchronize(loader.device)
     elapsed = time.perf_counter() - start if start is not None else 0.0
     model.train(was_training)
     accuracy, loss, ece = M.classification_metrics(torch.cat(logits).cpu(), torch.cat(labels).cpu())
@@ -268,7 +256,7 @@ def _run(
         timer_start = epoch_start if warmup == 0 else None
         for i, (x, y) in enumerate(train_loader):
             if i == warmup and warmup > 0:
-                _sync(device)
+                synchronize(device)
                 timer_start = time.perf_counter()
             factor = lr_factor(
                 s["schedule"],
@@ -279,7 +267,7 @@ def _run(
             )
             for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
                 group["lr"] = peak * factor
-            with _autocast(device, dtype):
+            with autocast(device, dtype):
                 out = model(x)
                 loss = F.cross_entropy(out, y, label_smoothing=s["label_smoothing"])
             if not torch.isfinite(loss).item():
@@ -294,7 +282,7 @@ def _run(
             seen += len(y)
             step += 1
             progress.on_step(step)
-        _sync(device)
+        synchronize(device)
         now = time.perf_counter()
         train_seconds += now - epoch_start
         if timer_start is not None and result.status == "finished":
