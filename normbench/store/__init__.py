@@ -194,8 +194,13 @@ class Store:
             run.status, run.error = status, error
 
 
-def open_store(url: str, *, migrate: bool = True) -> Store:
-    """Connect to ``url`` and bring its schema to the newest revision (unless not ``migrate``)."""
+def open_store(url: str, *, readonly: bool = False, migrate: bool = True) -> Store:
+    """Connect to ``url`` and bring its schema to the newest revision (unless not ``migrate``).
+
+    ``readonly`` (read commands, the dashboard) never creates, migrates or writes anything: a
+    missing SQLite file or a database at another schema revision is refused with what to do."""
+    if readonly:
+        return Store(_readonly_engine(url))
     engine = create_db_engine(url)
     try:
         current, head = schema_revisions(engine)
@@ -216,3 +221,35 @@ def open_store(url: str, *, migrate: bool = True) -> Store:
             )
         upgrade(engine)
     return Store(engine)
+
+
+def _readonly_engine(url: str) -> Engine:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        from pathlib import Path
+
+        path = Path(parsed.database.removeprefix("file:")).expanduser().resolve()
+        if not path.is_file():
+            raise NormbenchError(
+                f"No results database at {path} (nothing has been run with this --db yet; "
+                "`normbench run` creates it)."
+            )
+        engine = create_engine(
+            f"sqlite:///file:{path}?mode=ro&uri=true", connect_args={"check_same_thread": False}
+        )
+        event.listen(engine, "connect", _query_only)
+    else:
+        engine = create_db_engine(url)
+    current, head = schema_revisions(engine)
+    if current != head:
+        raise NormbenchError(
+            f"The results database {url} is at schema revision {current!r}, not {head!r}; "
+            f"run `normbench db upgrade --db {url}`."
+        )
+    return engine
+
+
+def _query_only(dbapi_connection, _record) -> None:
+    dbapi_connection.execute("PRAGMA query_only = ON")
