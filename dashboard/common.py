@@ -11,6 +11,7 @@ import streamlit as st
 
 from dashboard import data as D
 from normbench import config
+from normbench.errors import NormbenchError
 from normbench.leaderboard import Selection, kept_apart_note
 
 #: Seconds a query result is reused; a running suite shows up on the next refresh after this.
@@ -22,6 +23,14 @@ def db_url() -> str:
     return config.db_url(os.environ.get("NORMBENCH_DB"), create_parent=False)
 
 
+def safe_db_url() -> tuple[str | None, str]:
+    """(the URL, "") or (None, why ``NORMBENCH_DB`` cannot be used)."""
+    try:
+        return db_url(), ""
+    except NormbenchError as err:
+        return None, str(err)
+
+
 @st.cache_resource(show_spinner=False)
 def engine(url: str):
     return D.readonly_engine(url)
@@ -29,7 +38,11 @@ def engine(url: str):
 
 @st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
 def state(url: str) -> tuple[D.DatabaseState, str]:
-    return D.database_state(engine(url))
+    try:
+        checked = engine(url)  # opening checks the file and its schema revision
+    except Exception as err:  # noqa: BLE001 - shown on the page, not as a traceback
+        return D.error_state(err)
+    return D.database_state(checked)
 
 
 @st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)

@@ -3,7 +3,7 @@
 Nothing here writes. SQLite files are opened through a read-only URI (``mode=ro``) with
 ``PRAGMA query_only`` on every connection as a second lock; other databases (PostgreSQL) get
 read-only transactions where the driver supports it. The schema is never created or migrated from
-here: a database that is missing, empty or at another schema revision is reported as such
+here: a database that is missing, empty, damaged or at another schema revision is reported as such
 (:func:`database_state`) so the app can say what to do.
 
 The functions take an ``Engine`` and return pandas frames; the app wraps them in Streamlit's
@@ -17,16 +17,15 @@ import ast
 import enum
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
 from normbench import metrics as M
+from normbench import store
 from normbench.corruptions import BENCHMARK, EXTRA, FAMILIES
+from normbench.errors import NormbenchError
 from normbench.leaderboard import REFERENCE_NORM, Selection, leaderboard
 from normbench.robustness import CORRUPTION_ACCURACY, MCE, RELATIVE_MCE
 from normbench.store import schema_revisions
@@ -52,47 +51,27 @@ _RANK_METRIC = {
 
 
 class DatabaseState(enum.Enum):
-    missing = "missing"  # no such SQLite file, or the server cannot be reached
-    empty = "empty"  # reachable, but no normbench schema or no runs yet
+    missing = "missing"  # no such SQLite file
+    empty = "empty"  # an empty file or database, or the schema but no runs yet
     outdated = "outdated"  # a schema revision other than this normbench's
+    unusable = "unusable"  # not a database, damaged, unreachable: shown as an error
     ready = "ready"
 
 
+#: How the dashboard shows each ``StoreError`` kind (others are errors).
+_STATES = {
+    "missing": DatabaseState.missing,
+    "empty": DatabaseState.empty,
+    "outdated": DatabaseState.outdated,
+    "newer": DatabaseState.outdated,
+}
+
+
 def readonly_engine(url: str) -> Engine:
-    """An engine that cannot write: SQLite through ``mode=ro`` + ``query_only``, other
-    backends with read-only transactions (PostgreSQL)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        return _sqlite_readonly(Path(parsed.database or "").expanduser().resolve())
-    engine = create_engine(url, pool_pre_ping=True)
-    if parsed.get_backend_name() == "postgresql":
-
-        @event.listens_for(engine, "begin")
-        def _read_only(conn) -> None:
-            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-
-    return engine
-
-
-def _sqlite_readonly(path: Path) -> Engine:
-    # A WAL database on read-only storage cannot get its shared-memory file; SQLite then opens
-    # it only as immutable (no locking; fine for a file nobody can write either).
-    for params in ("mode=ro", "mode=ro&immutable=1"):
-        engine = create_engine(
-            f"sqlite:///file:{path}?{params}&uri=true", connect_args={"check_same_thread": False}
-        )
-        event.listen(engine, "connect", _query_only)
-        try:
-            with engine.connect() as conn:
-                conn.exec_driver_sql("SELECT count(*) FROM sqlite_master")
-            return engine
-        except OperationalError:
-            engine.dispose()
-    return create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")  # reports why it fails
-
-
-def _query_only(dbapi_connection, _record) -> None:
-    dbapi_connection.execute("PRAGMA query_only = ON")
+    """An engine that cannot write (see :func:`normbench.store.readonly_engine`), on a database
+    that is checked first: it exists, is an undamaged SQLite file (or a reachable server) and is
+    at this normbench's schema revision; else a ``NormbenchError`` that says what to do."""
+    return store.readonly_engine(url)
 
 
 def display_url(engine: Engine) -> str:
@@ -102,26 +81,36 @@ def display_url(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
-def database_state(engine: Engine) -> tuple[DatabaseState, str]:
-    """The state of the database and a sentence for the user."""
-    url = display_url(engine)
+def error_state(err: Exception) -> tuple[DatabaseState, str]:
+    """The state an error of opening or reading the database stands for, and its message."""
+    if isinstance(err, NormbenchError):
+        return _STATES.get(getattr(err, "kind", ""), DatabaseState.unusable), str(err)
+    reason = (str(getattr(err, "orig", err)).strip().splitlines() or [type(err).__name__])[0]
+    return DatabaseState.unusable, f"Cannot read the results database ({reason})."
+
+
+def database_state(target: Engine | str) -> tuple[DatabaseState, str]:
+    """The state of the database (an engine, or a URL to open read-only) and a sentence for the
+    user; for a ready database, the sentence is its file or URL."""
     try:
+        engine = readonly_engine(target) if isinstance(target, str) else target
+        url = display_url(engine)
         with engine.connect() as conn:
             tables = set(sa_inspect(conn).get_table_names())
-    except Exception as err:  # noqa: BLE001 - any driver error means "cannot open"
-        reason = str(getattr(err, "orig", err)).splitlines()[0]
-        return DatabaseState.missing, f"Cannot open the results database {url} ({reason})."
-    if "runs" not in tables:
-        return DatabaseState.empty, f"The results database {url} holds no normbench results yet."
-    current, head = schema_revisions(engine)
-    if current != head:
-        return DatabaseState.outdated, (
-            f"The results database {url} is at schema revision {current!r}; this dashboard reads "
-            f"{head!r}. Run `normbench db upgrade --db ...` (or use a matching normbench)."
-        )
-    with engine.connect() as conn:
-        if not conn.execute(select(func.count(Run.id))).scalar():
-            return DatabaseState.empty, f"The results database {url} has no runs yet."
+        if "runs" not in tables:
+            return DatabaseState.empty, f"The results database {url} holds no normbench results."
+        current, head = schema_revisions(engine)
+        if current != head:
+            return DatabaseState.outdated, (
+                f"The results database {url} is at schema revision {current!r}; this dashboard "
+                f"reads {head!r}. Run `normbench db upgrade --db {url}` (or use a matching "
+                "normbench)."
+            )
+        with engine.connect() as conn:
+            if not conn.execute(select(func.count(Run.id))).scalar():
+                return DatabaseState.empty, f"The results database {url} has no runs yet."
+    except Exception as err:  # noqa: BLE001 - whatever the driver says, the page says it calmly
+        return error_state(err)
     return DatabaseState.ready, url
 
 
@@ -338,7 +327,6 @@ def norm_info(name: str, engine: Engine | None = None) -> NormInfo:
             ).first()
         if row is not None:
             return _submitted_info(name, *row)
-    from normbench.errors import NormbenchError
     from normbench.norms import NORMS, norm_class, norm_source_sha256
 
     try:

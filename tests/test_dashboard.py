@@ -14,10 +14,10 @@ import pytest
 from conftest import REPO, shared_data_dir, skip_or_fail
 from helpers import invoke, tiny_suite
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
 from streamlit.testing.v1 import AppTest
 
 from dashboard.data import DatabaseState, database_state, pareto_front, readonly_engine
+from normbench.errors import NormbenchError
 
 APP = str(REPO / "dashboard" / "app.py")
 
@@ -64,18 +64,30 @@ def markdown(at: AppTest) -> str:
     return "\n".join(m.value for m in at.markdown)
 
 
-@pytest.mark.parametrize("kind", ["missing file", "schema without runs"])
-def test_empty_database_is_a_friendly_page(monkeypatch, tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("missing file", "No results database at"),
+        ("empty file", "is an empty file (0 bytes)"),
+        ("schema without runs", "has no runs yet"),
+    ],
+)
+def test_empty_database_is_a_friendly_page(monkeypatch, tmp_path, kind, says):
     db = tmp_path / "none.db"
     if kind == "schema without runs":
         from normbench.store import open_store
 
-        open_store(f"sqlite:///{db}")
+        open_store(f"sqlite:///{db}").engine.dispose()
+    elif kind == "empty file":
+        db.touch()
+    before = sorted(p.name for p in tmp_path.iterdir())
     at = app(monkeypatch, db)
     assert at.title[0].value == "normbench leaderboard"
-    assert at.info and ("no runs" in at.info[0].value or "Cannot open" in at.info[0].value)
+    assert at.info and says in at.info[0].value and not at.error
     assert "normbench run --suite cifar-c" in markdown(at)
-    assert not db.exists() or kind != "missing file"  # reading never creates the file
+    if kind != "schema without runs":  # reading never creates or fills the file
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+        assert not db.exists() or db.stat().st_size == 0
 
 
 def test_leaderboard_page_ranks_filters_and_exports(monkeypatch, results_db):
@@ -163,7 +175,7 @@ def test_dashboard_never_writes(monkeypatch, results_db, tmp_path):
 
     engine = readonly_engine(f"sqlite:///{db}")
     assert database_state(engine)[0] is DatabaseState.ready
-    with engine.connect() as conn, pytest.raises(OperationalError, match="readonly"):
+    with engine.connect() as conn, pytest.raises(NormbenchError, match="is read-only"):
         conn.execute(text("DELETE FROM metrics"))
 
 
@@ -177,6 +189,9 @@ def test_pareto_front():
 def test_dashboard_command_checks_its_arguments(tmp_path):
     import socket
 
+    from normbench.store import open_store
+
+    open_store(f"sqlite:///{tmp_path / 'x.db'}").engine.dispose()
     with socket.socket() as busy:
         busy.bind(("localhost", 0))
         busy.listen()

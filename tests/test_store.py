@@ -35,7 +35,7 @@ def test_db_upgrade_command_is_idempotent(tmp_path):
 def test_a_database_at_the_first_revision_is_upgraded_keeping_its_rows(tmp_path):
     from alembic import command
 
-    from dashboard.data import DatabaseState, database_state, readonly_engine
+    from dashboard.data import DatabaseState, database_state
     from normbench.store import alembic_config, create_db_engine
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
@@ -52,8 +52,13 @@ def test_a_database_at_the_first_revision_is_upgraded_keeping_its_rows(tmp_path)
         ))  # fmt: skip
         conn.execute(text("INSERT INTO metrics (run_id, name, split, corruption, severity, value)"
                           " VALUES (1, 'accuracy', 'test', '', 0, 0.5)"))  # fmt: skip
-    state, message = database_state(readonly_engine(url))
-    assert state is DatabaseState.outdated and "normbench db upgrade" in message
+    engine.dispose()
+    before = (tmp_path / "old.db").read_bytes()
+    state, message = database_state(url)
+    assert state is DatabaseState.outdated and "normbench db upgrade --db" in message
+    with pytest.raises(NormbenchError, match="at schema revision '0001'"):
+        open_store(url, readonly=True)  # reading never migrates
+    assert (tmp_path / "old.db").read_bytes() == before
 
     store = open_store(url)
     assert schema_revisions(store.engine)[0] == "0003"

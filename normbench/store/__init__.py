@@ -4,6 +4,13 @@ Any SQLAlchemy URL works; SQLite files get WAL journaling (readers never block t
 busy timeout, so several worker processes can share one file. The schema is created and upgraded
 only by the Alembic migrations in ``db/`` (installed as ``normbench.migrations``), automatically on
 first use or explicitly with ``normbench db upgrade``.
+
+A database is opened either for writing (``run``, ``submit``, ``bench``, ``db upgrade``): created
+and migrated as needed, after checking that it can be written; or read-only (``leaderboard``, the
+dashboard): nothing is ever created, migrated or written, and a database that is missing, empty or
+at another schema revision is refused with what to do. Either way a file that is not SQLite or is
+damaged is refused untouched, and the environment's database errors (read-only, disk full,
+damaged, locked) reach the user as one short paragraph (see ``normbench.store.checks``).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -18,11 +26,23 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, delete, event, select
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session
 
 from normbench.errors import NormbenchError
 from normbench.metrics import MetricRow
+from normbench.store.checks import (
+    StoreError,
+    check_integrity,
+    check_sqlite_file,
+    check_writable,
+    describe,
+    read_only,
+    short_errors,
+    sqlite_path,
+)
 from normbench.store.models import (
     Base,
     CurvePoint,
@@ -35,8 +55,8 @@ from normbench.store.models import (
 )
 
 __all__ = [
-    "Base", "CurvePoint", "Metric", "NormSpeed", "Run", "RunStatus", "Store", "Submission",
-    "open_store",
+    "Base", "CurvePoint", "Metric", "NormSpeed", "Run", "RunStatus", "Store", "StoreError",
+    "Submission", "open_store", "readonly_engine",
 ]  # fmt: skip
 
 BUSY_TIMEOUT_MS = 30_000
@@ -50,17 +70,109 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def create_db_engine(url: str) -> Engine:
+def _unusable_url(url: str, err: Exception) -> NormbenchError:
+    return NormbenchError(
+        f"Cannot use the database URL {url!r}: {err}. Use a file path for SQLite, or an "
+        "SQLAlchemy URL whose driver is installed (e.g. postgresql+psycopg://... with psycopg)."
+    )
+
+
+def _parse(url: str) -> URL:
     try:
-        engine = create_engine(url)
+        return make_url(url)
+    except ArgumentError as err:
+        raise _unusable_url(url, err) from None
+
+
+def _engine(url: str | URL, **kwargs: Any) -> Engine:
+    try:
+        return create_engine(url, **kwargs)
     except (ArgumentError, ImportError) as err:
-        raise NormbenchError(
-            f"Cannot use the database URL {url!r}: {err}. Use a file path for SQLite, or an "
-            "SQLAlchemy URL whose driver is installed (e.g. postgresql+psycopg://... with psycopg)."
-        ) from None
+        raise _unusable_url(str(url), err) from None
+
+
+def where(url: URL) -> str:
+    """The database as messages name it: the file of an SQLite database, else the URL without
+    its password."""
+    path = sqlite_path(url)
+    return str(path) if path is not None else url.render_as_string(hide_password=True)
+
+
+def create_db_engine(url: str) -> Engine:
+    """An engine for writing. Before anything is written, an SQLite file that is not a database
+    or is damaged is refused untouched, and a database this process cannot write (a read-only
+    file, folder or URL) is refused with what to do."""
+    parsed = _parse(url)
+    shown, path = where(parsed), sqlite_path(parsed)
+    if path is not None:
+        if parsed.query.get("mode") == "ro":
+            raise read_only(shown, "the URL opens it with mode=ro")
+        check_sqlite_file(path, readonly=False)
+    # The checks use an engine of their own: the write engine's first connection switches the
+    # file to WAL, which writes to it, and must not happen to a file that is refused.
+    probe = _engine(parsed)
+    short_errors(probe, shown)
+    try:
+        check_integrity(probe, shown)
+        check_writable(probe, shown)
+    finally:
+        probe.dispose()
+    engine = _engine(parsed)
+    short_errors(engine, shown)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def readonly_engine(url: str) -> Engine:
+    """An engine that cannot write, on a database that is there, undamaged and at this
+    normbench's schema revision (else a ``StoreError`` that says what to do). SQLite is opened
+    through a read-only URI (``mode=ro``) with ``PRAGMA query_only`` as a second lock; PostgreSQL
+    gets read-only transactions."""
+    parsed = _parse(url)
+    shown, path = where(parsed), sqlite_path(parsed)
+    if path is not None:
+        check_sqlite_file(path, readonly=True)
+        engine = _sqlite_readonly(path)
+    else:
+        engine = _engine(parsed, pool_pre_ping=True)
+        if parsed.get_backend_name() == "postgresql":
+
+            @event.listens_for(engine, "begin")
+            def _read_only(conn) -> None:
+                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+    short_errors(engine, shown)
+    try:
+        check_integrity(engine, shown)
+        _check_revision(engine, shown, readonly=True)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
+def _sqlite_readonly(path: Path) -> Engine:
+    # A WAL database on read-only storage cannot get its shared-memory file; SQLite then opens
+    # it only as immutable (no locking; fine for a file nobody can write either).
+    failure: Exception | None = None
+    for params in ("mode=ro", "mode=ro&immutable=1"):
+        engine = _engine(
+            f"sqlite:///file:{path}?{params}&uri=true", connect_args={"check_same_thread": False}
+        )
+        event.listen(engine, "connect", _query_only)
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT count(*) FROM sqlite_master")
+            return engine
+        except OperationalError as err:
+            engine.dispose()
+            failure = failure or err
+    raise describe(failure.orig, str(path)) from None
+
+
+def _query_only(dbapi_connection, _record) -> None:
+    dbapi_connection.execute("PRAGMA query_only = ON")
 
 
 def alembic_config() -> Config:
@@ -82,6 +194,44 @@ def upgrade(engine: Engine) -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def _check_revision(engine: Engine, shown: str, *, readonly: bool, migrate: bool = False) -> None:
+    """Refuse a database of a newer normbench; upgrade an older one if ``migrate``, else say how.
+    Read-only, a database without normbench's schema is refused too."""
+    current, head = schema_revisions(engine)
+    if current == head:
+        return
+    known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if current is not None and current not in known:
+        raise StoreError(
+            f"The results database {shown} has schema revision {current!r}, which this version "
+            "of normbench does not know (a newer normbench wrote it). Upgrade normbench (pip "
+            "install -U normbench) or point --db at another database.",
+            "newer",
+        )
+    if readonly and current is None:
+        tables = sorted(sa_inspect(engine).get_table_names())
+        if not tables:
+            raise StoreError(
+                f"The results database {shown} holds no normbench results yet (it is an empty "
+                f"database). `normbench run --db {shown}` fills it.",
+                "empty",
+            )
+        raise StoreError(
+            f"{shown} is not a normbench results database (it holds the tables "
+            f"{', '.join(tables[:5])}{', ...' if len(tables) > 5 else ''} and no normbench "
+            "schema). Point --db at a results database.",
+            "not_database",
+        )
+    if readonly or not migrate:
+        raise StoreError(
+            f"The results database {shown} is at schema revision {current!r}; this normbench "
+            f"reads {head!r}. Run `normbench db upgrade --db {shown}` first (reading never "
+            "changes a database).",
+            "outdated",
+        )
+    upgrade(engine)
 
 
 class Store:
@@ -195,61 +345,18 @@ class Store:
 
 
 def open_store(url: str, *, readonly: bool = False, migrate: bool = True) -> Store:
-    """Connect to ``url`` and bring its schema to the newest revision (unless not ``migrate``).
+    """Open the results database at ``url``.
+
+    For writing (the default), the database is created if missing and brought to the newest
+    schema revision (unless not ``migrate``), after checking that it is an undamaged SQLite file
+    or none yet and that it can be written. A 0-byte file counts as an empty database, as SQLite
+    itself treats it: the schema is created in it.
 
     ``readonly`` (read commands, the dashboard) never creates, migrates or writes anything: a
-    missing SQLite file or a database at another schema revision is refused with what to do."""
+    database that is missing, empty, damaged or at another schema revision is refused with what
+    to do (see ``readonly_engine``)."""
     if readonly:
-        return Store(_readonly_engine(url))
+        return Store(readonly_engine(url))
     engine = create_db_engine(url)
-    try:
-        current, head = schema_revisions(engine)
-    except OperationalError as err:
-        raise NormbenchError(f"Cannot open the results database {url}: {err.orig}.") from None
-    if current != head:
-        known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
-        if current is not None and current not in known:
-            raise NormbenchError(
-                f"The results database {url} has schema revision {current!r}, which this version "
-                "of normbench does not know (it was written by a newer normbench). Upgrade "
-                "normbench or point --db at another database."
-            )
-        if not migrate:
-            raise NormbenchError(
-                f"The results database {url} is at schema revision {current!r}, not {head!r}; "
-                "run `normbench db upgrade`."
-            )
-        upgrade(engine)
+    _check_revision(engine, where(engine.url), readonly=False, migrate=migrate)
     return Store(engine)
-
-
-def _readonly_engine(url: str) -> Engine:
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        from pathlib import Path
-
-        path = Path(parsed.database.removeprefix("file:")).expanduser().resolve()
-        if not path.is_file():
-            raise NormbenchError(
-                f"No results database at {path} (nothing has been run with this --db yet; "
-                "`normbench run` creates it)."
-            )
-        engine = create_engine(
-            f"sqlite:///file:{path}?mode=ro&uri=true", connect_args={"check_same_thread": False}
-        )
-        event.listen(engine, "connect", _query_only)
-    else:
-        engine = create_db_engine(url)
-    current, head = schema_revisions(engine)
-    if current != head:
-        raise NormbenchError(
-            f"The results database {url} is at schema revision {current!r}, not {head!r}; "
-            f"run `normbench db upgrade --db {url}`."
-        )
-    return engine
-
-
-def _query_only(dbapi_connection, _record) -> None:
-    dbapi_connection.execute("PRAGMA query_only = ON")
