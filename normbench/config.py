@@ -55,7 +55,10 @@ def db_url(explicit: str | None = None, *, create_parent: bool = True) -> str:
         return value
     scheme = _SCHEME.match(value)
     if scheme:
-        source = "--db" if explicit else "NORMBENCH_DB"
+        env = os.environ.get("NORMBENCH_DB")
+        # The CLI may read the variable into --db itself; then either may have given the value.
+        source = "--db" if explicit and explicit != env else "NORMBENCH_DB"
+        source = "--db / NORMBENCH_DB" if explicit and explicit == env else source
         rest = value[scheme.end() :]
         if scheme.group(1).lower() == "sqlite":  # the URL the value was most likely meant as
             hint = f" Did you mean sqlite:///{rest}?"

@@ -331,3 +331,83 @@ def test_runs_of_an_older_protocol_version_are_kept_apart(monkeypatch, cifar_dir
     assert list(at.dataframe[0].value.norm) == ["layernorm"]
     assert any("1 run of protocol version 1 is kept apart" in i.value for i in at.info)
     assert "protocol version **2**" in "\n".join(c.value for c in at.caption)
+
+
+def stored_runs_db(path: Path) -> Path:
+    """A database in rollback-journal mode (each read checks the file's header) holding two
+    finished runs, written through the store as runs write them."""
+    from normbench.metrics import MetricRow
+    from normbench.store import RunStatus, open_store
+
+    store = open_store(f"sqlite:///{path}")
+    for norm in ("batchnorm", "layernorm"):
+        spec = {"suite": "cifar10", "budget": "smoke", "protocol_version": 2, "task": "classify",
+                "dataset": "cifar10", "norm": norm, "optimizer": "sgd", "seed": 0,
+                "settings": {"model": "fastnet"}}  # fmt: skip
+        store.begin_run(spec, norm, device="cpu", provenance={}, config=spec, reset=True)
+        store.finish_run(norm, status=RunStatus.finished, metrics=[MetricRow("accuracy", 0.5,
+                         "test")], curves=[(1, "train_loss", 1.0)], epochs_done=1)  # fmt: skip
+    store.engine.dispose()
+    sqlite3.connect(path).execute("PRAGMA journal_mode=DELETE").connection.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("text file", "is not a normbench results database: it is not an SQLite file"),
+        ("truncated", "is damaged: it holds only"),
+        ("one-slash URL", "has no // after the scheme"),
+    ],
+)
+def test_a_bad_database_is_an_error_message_on_the_page(monkeypatch, tmp_path, kind, says):
+    db = tmp_path / "results.db"
+    if kind == "text file":
+        db.write_text("norm,accuracy\nbatchnorm,0.91\n")
+    elif kind == "truncated":
+        data = stored_runs_db(tmp_path / "real.db").read_bytes()
+        db.write_bytes(data[: len(data) // 2])
+    monkeypatch.chdir(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    at = app(monkeypatch, f"sqlite:{db}" if kind == "one-slash URL" else db)
+    assert at.error and says in at.error[0].value
+    assert kind == "one-slash URL" or str(db) in at.error[0].value
+    assert not at.info and not at.dataframe
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_older_schema_is_a_warning_on_the_page(monkeypatch, tmp_path):
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from normbench.store import alembic_config
+
+    db = tmp_path / "old.db"
+    engine, cfg = create_engine(f"sqlite:///{db}"), alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    engine.dispose()
+    before = db.read_bytes()
+    at = app(monkeypatch, db)
+    assert at.warning and f"Run `normbench db upgrade --db {db}`" in at.warning[0].value
+    assert db.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["old.db"]
+
+
+def test_a_database_that_goes_bad_while_the_app_runs_is_an_error_message(monkeypatch, tmp_path):
+    from dashboard import common
+
+    db = stored_runs_db(tmp_path / "results.db")
+    at = app(monkeypatch, db)
+    assert set(at.dataframe[0].value.norm) == {"batchnorm", "layernorm"}
+    db.write_bytes(b"overwritten by something else " * 200)
+    # The next queries after the cache's 30 s; the database's state stays cached a little longer.
+    for cached in (common.choices, common.leaderboard):
+        cached.clear()
+    at.run()
+    assert not at.exception, at.exception
+    assert at.error and f"The results database {db} is damaged" in at.error[0].value
+    common.state.clear()  # and once the state is checked again, the start page says it
+    at.run()
+    assert not at.exception and f"The results database {db} is damaged" in at.error[0].value
+    assert at.title[0].value == "normbench leaderboard"

@@ -16,10 +16,11 @@ damaged, locked) reach the user as one short paragraph (see ``normbench.store.ch
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config
@@ -28,7 +29,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, delete, event, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session
 
 from normbench.errors import NormbenchError
@@ -108,12 +109,15 @@ def create_db_engine(url: str) -> Engine:
         if parsed.query.get("mode") == "ro":
             raise read_only(shown, "the URL opens it with mode=ro")
         check_sqlite_file(path, readonly=False)
-    # The checks use an engine of their own: the write engine's first connection switches the
-    # file to WAL, which writes to it, and must not happen to a file that is refused.
+        if path.exists() and path.stat().st_size:
+            _with_checked_copy(path, lambda checked: _known_revision(checked, shown))
+    # The write probe uses an engine of its own: the write engine's first connection switches
+    # the file to WAL, which writes to it, and must not happen to a database that is refused.
     probe = _engine(parsed)
     short_errors(probe, shown)
     try:
-        check_integrity(probe, shown)
+        if path is None:
+            check_integrity(probe, shown)
         check_writable(probe, shown)
     finally:
         probe.dispose()
@@ -128,23 +132,28 @@ def readonly_engine(url: str) -> Engine:
     """An engine that cannot write, on a database that is there, undamaged and at this
     normbench's schema revision (else a ``StoreError`` that says what to do). SQLite is opened
     through a read-only URI (``mode=ro``) with ``PRAGMA query_only`` as a second lock; PostgreSQL
-    gets read-only transactions."""
+    gets read-only transactions.
+
+    A refused SQLite file is left exactly as it was, with no file added next to it. Reading a
+    WAL database that nobody else has open gives it SQLite's ``-wal`` and ``-shm`` files, as any
+    SQLite reader does (the next writer removes them); the database file itself never changes."""
     parsed = _parse(url)
     shown, path = where(parsed), sqlite_path(parsed)
     if path is not None:
         check_sqlite_file(path, readonly=True)
+        _with_checked_copy(path, lambda checked: _check_revision(checked, shown, readonly=True))
         engine = _sqlite_readonly(path)
-    else:
-        engine = _engine(parsed, pool_pre_ping=True)
-        if parsed.get_backend_name() == "postgresql":
+        short_errors(engine, shown)
+        return engine
+    engine = _engine(parsed, pool_pre_ping=True)
+    if parsed.get_backend_name() == "postgresql":
 
-            @event.listens_for(engine, "begin")
-            def _read_only(conn) -> None:
-                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        @event.listens_for(engine, "begin")
+        def _read_only(conn) -> None:
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
 
     short_errors(engine, shown)
     try:
-        check_integrity(engine, shown)
         _check_revision(engine, shown, readonly=True)
     except BaseException:
         engine.dispose()
@@ -152,20 +161,41 @@ def readonly_engine(url: str) -> Engine:
     return engine
 
 
-def _sqlite_readonly(path: Path) -> Engine:
+def _with_checked_copy(path: Path, then: Callable[[Engine], None]) -> None:
+    """Run ``quick_check`` on an SQLite file, then ``then`` on the same read-only engine.
+
+    A WAL database that nobody has open (it has no ``-wal`` file) is read as immutable here, so
+    that checking, and refusing, it leaves no ``-wal``/``-shm`` files behind. A writer that
+    starts meanwhile only appends to its own WAL, which these few reads do not need."""
+    with path.open("rb") as f:
+        header = f.read(20)
+    wal = len(header) == 20 and header[18:20] == b"\x02\x02"
+    idle = wal and not path.with_name(path.name + "-wal").exists()
+    engine = _sqlite_readonly(path, immutable=idle)
+    short_errors(engine, str(path))
+    try:
+        check_integrity(engine, str(path))
+        then(engine)
+    finally:
+        engine.dispose()
+
+
+def _sqlite_readonly(path: Path, *, immutable: bool = False) -> Engine:
     # A WAL database on read-only storage cannot get its shared-memory file; SQLite then opens
     # it only as immutable (no locking; fine for a file nobody can write either).
     failure: Exception | None = None
-    for params in ("mode=ro", "mode=ro&immutable=1"):
+    modes = ["mode=ro&immutable=1"] if immutable else ["mode=ro", "mode=ro&immutable=1"]
+    for params in modes:
         engine = _engine(
-            f"sqlite:///file:{path}?{params}&uri=true", connect_args={"check_same_thread": False}
+            f"sqlite:///file:{quote(str(path))}?{params}&uri=true",
+            connect_args={"check_same_thread": False},
         )
         event.listen(engine, "connect", _query_only)
         try:
             with engine.connect() as conn:
                 conn.exec_driver_sql("SELECT count(*) FROM sqlite_master")
             return engine
-        except OperationalError as err:
+        except DatabaseError as err:
             engine.dispose()
             failure = failure or err
     raise describe(failure.orig, str(path)) from None
@@ -196,12 +226,9 @@ def upgrade(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-def _check_revision(engine: Engine, shown: str, *, readonly: bool, migrate: bool = False) -> None:
-    """Refuse a database of a newer normbench; upgrade an older one if ``migrate``, else say how.
-    Read-only, a database without normbench's schema is refused too."""
+def _known_revision(engine: Engine, shown: str) -> tuple[str | None, str | None]:
+    """(current, head) revisions; a database that a newer normbench wrote is refused."""
     current, head = schema_revisions(engine)
-    if current == head:
-        return
     known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
     if current is not None and current not in known:
         raise StoreError(
@@ -210,6 +237,15 @@ def _check_revision(engine: Engine, shown: str, *, readonly: bool, migrate: bool
             "install -U normbench) or point --db at another database.",
             "newer",
         )
+    return current, head
+
+
+def _check_revision(engine: Engine, shown: str, *, readonly: bool, migrate: bool = False) -> None:
+    """Refuse a database of a newer normbench; upgrade an older one if ``migrate``, else say how.
+    Read-only, a database without normbench's schema is refused too."""
+    current, head = _known_revision(engine, shown)
+    if current == head:
+        return
     if readonly and current is None:
         tables = sorted(sa_inspect(engine).get_table_names())
         if not tables:
@@ -225,10 +261,10 @@ def _check_revision(engine: Engine, shown: str, *, readonly: bool, migrate: bool
             "not_database",
         )
     if readonly or not migrate:
+        why = " (reading never changes a database)" if readonly else ""
         raise StoreError(
             f"The results database {shown} is at schema revision {current!r}; this normbench "
-            f"reads {head!r}. Run `normbench db upgrade --db {shown}` first (reading never "
-            "changes a database).",
+            f"reads {head!r}. Run `normbench db upgrade --db {shown}` first{why}.",
             "outdated",
         )
     upgrade(engine)
@@ -239,6 +275,11 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    @property
+    def location(self) -> str:
+        """The database as the user names it: the SQLite file, or the URL without password."""
+        return where(self.engine.url)
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)

@@ -148,10 +148,11 @@ def check_integrity(engine: Engine, where: str) -> None:
     if engine.dialect.name != "sqlite":
         return
     with engine.connect() as conn:
-        problems = [row[0] for row in conn.exec_driver_sql("PRAGMA quick_check(3)")]
+        problems = [row[0] for row in conn.exec_driver_sql("PRAGMA quick_check(1)")]
     if problems != ["ok"]:
+        first = " ".join(problems[0].replace("*** in database main ***", "").split())
         raise StoreError(
-            f"The results database {where} is damaged ({'; '.join(problems)}). It was left "
+            f"The results database {where} is damaged ({first}). It was left "
             "unchanged. Restore it from a backup or point --db at another file.",
             "damaged",
         )
