@@ -1,17 +1,22 @@
 """The ``normbench`` command line (typer + rich).
 
-User errors (``NormbenchError``) are printed as one paragraph and exit with status 2; Ctrl-C exits
-with 130 after the launcher has recorded the interrupted run.
+User errors (``NormbenchError``) and bad option values are printed as one paragraph and exit with
+status 2; ``run`` exits with 1 when a run of the suite failed, and Ctrl-C exits with 130 after
+the launcher has recorded the interrupted run.
+
+Importing this module is cheap (no torch, pandas, SQLAlchemy): every ``--help``, every argument
+error and ``list suites`` answer at once, and each command imports what it needs. The norms that
+installed packages declare are loaded only by the commands that look norms up.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
-import re
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NewType, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,9 +24,20 @@ from rich.table import Table
 
 from normbench import config
 from normbench.errors import NormbenchError
+from normbench.suite_catalog import BUDGETS, MAX_SEED
+
+ENVIRONMENT = (
+    "Environment variables:\n\n"
+    "NORMBENCH_DB: the results database, an SQLAlchemy URL or an SQLite file path (--db "
+    "overrides it; default: normbench.db in the per-user data directory).\n\n"
+    "NORMBENCH_DATA_DIR: a directory of local dataset mirrors (--data-dir overrides it).\n\n"
+    "NORMBENCH_CACHE_DIR: decoded datasets, checkpoints and downloads (default: the per-user "
+    "cache directory)."
+)
 
 app = typer.Typer(
     help="Benchmark normalization layers: train, evaluate, store and rank norm x optimizer pairs.",
+    epilog=ENVIRONMENT,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -55,45 +71,120 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _csv(value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    # Commas inside parentheses belong to a norm's options: "groupnorm(groups=8,eps=1e-3),frn".
-    items = [v.strip() for v in re.split(r",(?![^()]*\))", value) if v.strip()]
-    if not items:
+# Option values parsed into lists (typer's own list types would mean a repeated option).
+NameList = NewType("NameList", list)  # of str
+SeedList = NewType("SeedList", list)  # of int
+
+
+def _names(value: str) -> list[str]:
+    """Split a comma-separated list of names. Commas inside parentheses belong to a norm's
+    options: "groupnorm(groups=8,eps=1e-3),frn" is two names."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(value):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                raise typer.BadParameter(f"{value!r} has a ')' without its '('")
+        elif char == "," and depth == 0:
+            items.append(value[start:i])
+            start = i + 1
+    if depth:
+        raise typer.BadParameter(
+            f"{value!r} has an unclosed parenthesis; options are written 'groupnorm(groups=8)'"
+        )
+    names = [name.strip() for name in [*items, value[start:]] if name.strip()]
+    if not names:
         raise typer.BadParameter("expected a comma-separated list of names")
-    return items
+    return names
 
 
-def _seeds(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
+def _seeds(value: str) -> list[int]:
     try:
         seeds = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise typer.BadParameter(f"{value!r}: seeds must be non-negative integers, e.g. 0,1,2")
+    if not seeds or any(not 0 <= seed <= MAX_SEED for seed in seeds):
+        raise typer.BadParameter(
+            f"{value!r}: seeds must be integers from 0 to {MAX_SEED} (the largest the results "
+            "database stores), e.g. 0,1,2"
+        )
     if len(set(seeds)) != len(seeds):
         raise typer.BadParameter(f"{value!r}: a seed is repeated")
     return seeds
 
 
-class Budget(StrEnum):
-    smoke = "smoke"
-    cpu = "cpu"
-    full = "full"
-
+Budget = StrEnum("Budget", {name: name for name in BUDGETS})
+MAX_TIMEOUT = 24 * 3600  # seconds; the contract's checks take seconds, a day is surely a mistake
 
 DataDir = Annotated[
     str | None,
-    typer.Option("--data-dir", help="Local dataset mirror directory [env: NORMBENCH_DATA_DIR]."),
+    typer.Option(
+        "--data-dir",
+        envvar="NORMBENCH_DATA_DIR",
+        show_envvar=True,
+        help="Local dataset mirror directory.",
+    ),
 ]
-BudgetOption = Annotated[Budget | None, typer.Option(help="Default: full with CUDA, else cpu.")]
+BudgetOption = Annotated[
+    Budget | None,
+    typer.Option(
+        help="Default: full with CUDA; on a CPU, cpu where it has bfloat16 matrix units (AMX), "
+        "else laptop (the first of these the suite defines; the start line says which)."
+    ),
+]
 Db = Annotated[
     str | None,
-    typer.Option("--db", help="SQLAlchemy URL or SQLite file path [env: NORMBENCH_DB]."),
+    typer.Option(
+        "--db",
+        envvar="NORMBENCH_DB",
+        show_envvar=True,
+        help="SQLAlchemy URL or SQLite file path (default: normbench.db in the per-user data "
+        "directory).",
+    ),
 ]
+Norms = Annotated[
+    NameList | None,
+    typer.Option(
+        parser=_names, metavar="NAMES", help="Comma-separated norms (default: the suite's)."
+    ),
+]
+Optimizers = Annotated[
+    NameList | None,
+    typer.Option(
+        parser=_names, metavar="NAMES", help="Comma-separated optimizers (default: the suite's)."
+    ),
+]
+Seeds = Annotated[
+    SeedList | None,
+    typer.Option(
+        parser=_seeds,
+        metavar="SEEDS",
+        help="Comma-separated seeds, e.g. 0,1,2 (default: the suite's).",
+    ),
+]
+Timeout = Annotated[
+    float,
+    typer.Option(min=1, max=MAX_TIMEOUT, help="Seconds the check may take."),
+]
+
+
+def _plugin_norms() -> None:
+    """Register the norms that installed packages declare (``normbench.norms`` entry points).
+    Called by the commands that look norms up, so the others never import them (nor torch)."""
+    from normbench.submissions import load_entry_point_norms
+
+    load_entry_point_norms()
+
+
+def _lookup(option: str, registry: Any, names: list[str]) -> list[str]:
+    """The canonical names of ``names`` given with ``option``; an unknown or malformed one is
+    reported with the option that gave it."""
+    try:
+        return [registry.info(name).name for name in names]
+    except NormbenchError as e:
+        raise NormbenchError(f"Invalid value for '{option}': {e}") from None
 
 
 @app.command()
@@ -103,17 +194,19 @@ def run(
         str, typer.Option(help="Suite name (see `normbench list suites`) or TOML path.")
     ],
     budget: BudgetOption = None,
-    norms: Annotated[str | None, typer.Option(help="Comma-separated norm names.")] = None,
-    optimizers: Annotated[str | None, typer.Option(help="Comma-separated optimizer names.")] = None,
-    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = None,
+    norms: Norms = None,
+    optimizers: Optimizers = None,
+    seeds: Seeds = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: best).")] = None,
     data_dir: DataDir = None,
     db: Db = None,
     force: Annotated[bool, typer.Option(help="Re-run runs that already finished.")] = False,
 ) -> None:
-    """Train and evaluate every norm x optimizer x seed of a suite and store the results."""
-    _run_suite(suite, budget, _csv(norms), _csv(optimizers), _seeds(seeds), device, data_dir, db,
-               force)  # fmt: skip
+    """Train and evaluate every norm x optimizer x seed of a suite and store the results.
+
+    Exit status 1 when a run failed (its error is stored), 2 for bad input, 130 if interrupted.
+    """
+    _run_suite(suite, budget, norms, optimizers, seeds, device, data_dir, db, force)
 
 
 def _run_suite(
@@ -127,21 +220,30 @@ def _run_suite(
     db: str | None,
     force: bool,
 ) -> None:
+    from normbench.norms import NORMS
+    from normbench.optim import OPTIMIZERS
     from normbench.runtime import resolve_device
     from normbench.store import open_store
-    from normbench.submissions import register_recorded
-    from normbench.suites import default_budget, load_suite, plan
+    from normbench.submissions import NAMESPACE, register_recorded
+    from normbench.suites import default_budget_reason, load_suite, plan
     from runners.local import run_specs
 
+    _plugin_norms()
     s = load_suite(suite)
-    budget_name = budget.value if budget else default_budget()
+    dev = resolve_device(device)
+    budget_name, why = (budget.value, "") if budget else default_budget_reason(s, dev)
+    # Bad input is reported before the database is created or touched.
+    s.budget(budget_name)
+    _lookup("--optimizers", OPTIMIZERS, opt_list or [])
+    _lookup("--norms", NORMS, [n for n in norm_list or [] if not n.startswith(NAMESPACE)])
     store = open_store(config.db_url(db))
     register_recorded(store, norm_list)  # submitted norms can be named like any other
+    _lookup("--norms", NORMS, norm_list or [])
     specs = plan(s, budget_name, norms=norm_list, optimizers=opt_list, seeds=seed_list)
-    dev = resolve_device(device)
     err.print(
         f"{len(specs)} run(s) of suite [bold]{s.name}[/bold], budget [bold]{budget_name}"
-        f"[/bold], on {dev}; results in {store.engine.url.render_as_string()}"
+        f"[/bold]{f' ({why})' if why else ''}, on {dev}; results in "
+        f"{store.engine.url.render_as_string()}"
     )
     try:
         outcomes = run_specs(specs, store, device=dev, data_dir=data_dir, force=force, console=err)
@@ -169,24 +271,26 @@ def _run_suite(
         + ", ".join(f"{n} {status}" for status, n in counts.items())
         + f". See `normbench leaderboard --suite {s.name} --budget {budget_name}`."
     )
+    if counts.get("failed"):  # a crash, not a result: scripts and CI must notice
+        err.print(f"[red]{counts['failed']} run(s) failed[/red]; exit status 1.")
+        raise typer.Exit(1)
 
 
 @app.command()
 @user_errors
 def check(
     target: Annotated[str, typer.Argument(help="FILE:CLASS of a norm layer, or a norm name.")],
-    timeout: Annotated[
-        float, typer.Option(min=1, help="Seconds before the check is stopped.")
-    ] = 300,
+    timeout: Timeout = 300,
 ) -> None:
     """Check a norm layer against the norm contract (in a separate process, time-limited)."""
     from normbench.contract import check_norm, run_contract
 
     if ":" in target:
         report = run_contract(target, timeout=timeout)
-    else:  # a registered norm: normbench's own code, checked in this process
+    else:  # a registered norm: normbench's own code or a package's, checked in this process
         from normbench.norms import NORMS
 
+        _plugin_norms()
         report = check_norm(NORMS.get(target).obj, target)
     t = Table(title=f"norm contract: {target}")
     t.add_column("check")
@@ -213,31 +317,28 @@ def submit(
     ] = None,
     suite: Annotated[str, typer.Option(help="Suite to run the norm in.")] = "cifar-c",
     budget: BudgetOption = None,
-    optimizers: Annotated[
-        str | None, typer.Option(help="Comma-separated optimizers (default: the suite's).")
-    ] = None,
-    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds.")] = None,
+    optimizers: Optimizers = None,
+    seeds: Seeds = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
     data_dir: DataDir = None,
     db: Db = None,
-    timeout: Annotated[
-        float, typer.Option(min=1, help="Seconds the contract check may take.")
-    ] = 300,
+    timeout: Timeout = 300,
 ) -> None:
     """Check a norm layer, record it with its source and hash, and run a suite with it."""
+    from normbench.optim import OPTIMIZERS
     from normbench.submissions import submit as record
-
-    opt_list, seed_list = _csv(optimizers), _seeds(seeds)
     from normbench.suites import load_suite
 
-    load_suite(suite)  # a bad suite is reported before the norm is checked
+    _plugin_norms()  # a submission may not take the name of an installed norm
+    load_suite(suite)  # a bad suite or optimizer is reported before the norm is checked
+    _lookup("--optimizers", OPTIMIZERS, optimizers or [])
     registered, new = record(db, target, name, timeout)
     if not new:
         err.print(f"{target} is already submitted as [bold]{registered}[/bold] (same source); "
                   "nothing to do.")  # fmt: skip
         return
     err.print(f"Contract holds; recorded as [bold]{registered}[/bold].")
-    _run_suite(suite, budget, [registered], opt_list, seed_list, device, data_dir, db, False)
+    _run_suite(suite, budget, [registered], optimizers, seeds, device, data_dir, db, False)
 
 
 class ListKind(StrEnum):
@@ -255,27 +356,26 @@ def list_(
     pattern: Annotated[str, typer.Option(help="Glob filter on names.")] = "*",
 ) -> None:
     """List registered norms, optimizers, models, suites or corruptions."""
-    from normbench.corruptions import CORRUPTIONS
-    from normbench.models import MODELS
-    from normbench.norms import NORMS, norm_options
-    from normbench.optim import OPTIMIZERS
-    from normbench.suites import SUITES
-
-    registry = {
-        "norms": NORMS,
-        "optimizers": OPTIMIZERS,
-        "models": MODELS,
-        "suites": SUITES,
-        "corruptions": CORRUPTIONS,
+    module, attribute = {
+        "norms": ("normbench.norms", "NORMS"),
+        "optimizers": ("normbench.optim", "OPTIMIZERS"),
+        "models": ("normbench.models", "MODELS"),
+        "suites": ("normbench.suite_catalog", "SUITES"),  # without torch
+        "corruptions": ("normbench.corruptions", "CORRUPTIONS"),
     }[kind.value]
+    if kind is ListKind.norms:
+        _plugin_norms()
+    registry = getattr(importlib.import_module(module), attribute)
     table = Table("name", "family", "capabilities", "description", title=kind.value)
-    if registry is NORMS:  # what can go in parentheses after the name: groupnorm(groups=8)
+    if kind is ListKind.norms:  # what can go in parentheses after the name: groupnorm(groups=8)
+        from normbench.norms import norm_options
+
         table.add_column("options")
     for name in registry.names(pattern):
         entry = registry.get(name)
         info = entry.info
         row = [name, info.family, ", ".join(sorted(info.capabilities)), info.description]
-        if registry is NORMS:
+        if kind is ListKind.norms:
             row.append(", ".join(f"{k}={v!r}" for k, v in norm_options(entry.obj).items()))
         table.add_row(*row)
     out.print(table)
@@ -311,19 +411,23 @@ def leaderboard(
     format: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
     db: Db = None,
 ) -> None:
-    """Rank the norm x optimizer pairs of a suite (mean ± std over seeds) under the suite's
-    current protocol version; runs of other versions are counted, never mixed in."""
+    """Rank the norm x optimizer pairs of a suite (mean ± std over seeds), read-only.
+
+    Only the suite's current protocol version; runs of other versions are counted, never mixed.
+    """
     from normbench import metrics as M
     from normbench.leaderboard import kept_apart_note, protocol_versions
     from normbench.leaderboard import leaderboard as query
     from normbench.store import open_store
     from normbench.suites import default_budget, load_suite
 
+    _plugin_norms()  # the suite may name them
     s = load_suite(suite)
     robustness = s.spec.corruption_set is not None
     rank_by = "corruption_accuracy" if robustness else M.ACCURACY
-    budget_name = budget.value if budget else default_budget()
-    store = open_store(config.db_url(db))
+    budget_name = budget.value if budget else default_budget(s)
+    # Reading never creates, migrates or writes a database.
+    store = open_store(config.db_url(db, create_parent=False), readonly=True)
     version = s.spec.protocol_version
     table = query(store.engine, s.name, budget_name, rank_by=rank_by, protocol_version=version)
     note = kept_apart_note(protocol_versions(store.engine, s.name, budget_name), version)
@@ -455,11 +559,15 @@ class Precision(StrEnum):
 @user_errors
 def bench_norms(
     norms: Annotated[
-        str | None, typer.Option(help="Comma-separated norms (default: every registered one).")
+        NameList | None,
+        typer.Option(
+            parser=_names, metavar="NAMES", help="Comma-separated norms (default: all registered)."
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096, help="Images per step.")] = 64,
     pairs: Annotated[
-        int, typer.Option(min=2, help="Interleaved repetitions of each norm and BatchNorm.")
+        int,
+        typer.Option(min=2, max=100, help="Interleaved repetitions of each norm and BatchNorm."),
     ] = 7,
     precision: Annotated[
         Precision, typer.Option(help="As a budget's precision: auto = bf16 where fast, else fp32.")
@@ -467,9 +575,11 @@ def bench_norms(
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: best).")] = None,
     db: Db = None,
 ) -> None:
-    """Training-step speed (forward + backward, channels_last, the precision's autocast) and
-    memory of each norm in ResNet-20, side by side with BatchNorm in interleaved repetitions, and
-    whether it holds the norm contract."""
+    """Training-step speed and memory of each norm in ResNet-20, side by side with BatchNorm.
+
+    Forward + backward, channels_last, the precision's autocast, interleaved with BatchNorm.
+
+    Also whether each norm holds the norm contract."""
     import torch
 
     from normbench import runtime
@@ -477,15 +587,17 @@ def bench_norms(
     from normbench.norms import NORMS
     from normbench.normspeed import MODEL, speed_table
     from normbench.store import NormSpeed, open_store
-    from normbench.submissions import register_recorded
+    from normbench.submissions import NAMESPACE, register_recorded
 
-    store = open_store(config.db_url(db))
-    named = _csv(norms)
-    register_recorded(store, named)
-    names = named or [n for n in NORMS.names() if not n.startswith("test-")]
-    # Unknown names fail here, with the closest matches; names with options become canonical.
-    names = [NORMS.info(name).name for name in names]
+    _plugin_norms()
     dev = runtime.resolve_device(device)
+    # Bad names are reported before the database is created or touched.
+    _lookup("--norms", NORMS, [n for n in norms or [] if not n.startswith(NAMESPACE)])
+    store = open_store(config.db_url(db))
+    register_recorded(store, norms)
+    names = norms or [n for n in NORMS.names() if not n.startswith("test-")]
+    # Unknown names fail here, with the closest matches; names with options become canonical.
+    names = _lookup("--norms", NORMS, names)
     dtype = runtime.autocast_dtype(precision.value, dev)
     resolved = "bf16" if dtype is torch.bfloat16 else "fp32"
     setup = f"{MODEL}, batch {batch_size}, {resolved}, channels_last, {dev}"
@@ -535,11 +647,15 @@ class DatasetName(StrEnum):
 def data_prepare(
     dataset: Annotated[DatasetName, typer.Argument(help="Dataset to decode or generate.")],
     data_dir: DataDir = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of generated corruptions.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Seed of generated corruptions.")
+    ] = 0,
     device: Annotated[str | None, typer.Option(help="Device that generates corruptions.")] = None,
 ) -> None:
-    """Decode CIFAR-10 once into the cache; for cifar10-c, use the official files under the data
-    directory when present, else generate all 19 corruptions x 5 severities into the cache."""
+    """Decode CIFAR-10 once into the cache, or prepare CIFAR-10-C.
+
+    cifar10-c: the official files in the data directory, else all 19 x 5 generated into the cache.
+    """
     if dataset is DatasetName.cifar10_c:
         _prepare_cifar10_c(data_dir, seed, device)
         return
@@ -593,13 +709,6 @@ def db_upgrade(db: Db = None) -> None:
 
 
 def main() -> None:
-    from normbench.submissions import load_entry_point_norms
-
-    try:
-        load_entry_point_norms()  # norms that installed packages add
-    except NormbenchError as e:
-        err.print(f"[bold red]Error:[/bold red] {e}", highlight=False)
-        raise SystemExit(2) from None
     app()
 
 

@@ -3,15 +3,18 @@
 Every stored number is one row ``(run, name, split, corruption, severity) -> value``; the names
 below are the vocabulary the runners write and the leaderboard reads. ``corruption`` is "" and
 ``severity`` 0 for rows that are not about a corruption.
+
+The names are imported by the store and the command line, which do not need torch, so torch and
+torchmetrics are imported only by the functions that compute.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torchmetrics.functional.classification import multiclass_calibration_error
+if TYPE_CHECKING:
+    import torch
 
 ACCURACY = "accuracy"  # fraction correct, [0, 1]
 LOSS = "loss"  # mean cross-entropy (no label smoothing)
@@ -58,6 +61,9 @@ def classification_metrics(
     logits: torch.Tensor, labels: torch.Tensor
 ) -> tuple[float, float, float]:
     """Accuracy, mean cross-entropy and ECE of float ``logits`` (N, K) against ``labels`` (N,)."""
+    import torch.nn.functional as F
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     logits = logits.float()
     accuracy = (logits.argmax(1) == labels).float().mean().item()
     loss = F.cross_entropy(logits, labels).item()

@@ -10,6 +10,7 @@ source, so an interrupted submission run resumes like any other.
 Installed packages add norms through the ``normbench.norms`` entry-point group: each entry point
 names a norm class (``name = "package.module:Class"``); its docstring's first line is the
 description, and the class attributes ``family`` and ``capabilities`` fill the registry info.
+Loading them does not import the database layer: only recording and reading submissions do.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ import re
 from dataclasses import asdict
 from importlib.metadata import entry_points
 from pathlib import Path
-
-from sqlalchemy import func, select
+from typing import TYPE_CHECKING
 
 from normbench import config
 from normbench.contract import ContractReport, load_class, parse_target, run_contract
 from normbench.errors import NormbenchError
 from normbench.norms import NORMS, parse_norm_name
 from normbench.registry import EntryInfo
-from normbench.store import Store, Submission
+
+if TYPE_CHECKING:
+    from normbench.store import Store, Submission
 
 NAMESPACE = "submission/"
 ENTRY_POINT_GROUP = "normbench.norms"
@@ -103,6 +105,10 @@ def register_recorded(store: Store, names: list[str] | None) -> None:
     wanted = [n for n in bases if n.startswith(NAMESPACE) and n not in NORMS]
     if not wanted:
         return
+    from sqlalchemy import select
+
+    from normbench.store import Submission
+
     with store.session() as s:
         for submission in s.scalars(select(Submission).where(Submission.name.in_(wanted))):
             register(submission)
@@ -125,7 +131,9 @@ def submit(db: str | None, target: str, name: str | None, timeout: float) -> tup
         )
     source = path.read_text()
     digest = hashlib.sha256(source.encode()).hexdigest()
-    from normbench.store import open_store
+    from sqlalchemy import func, select
+
+    from normbench.store import Submission, open_store
 
     store = open_store(config.db_url(db))
     with store.session() as s, s.begin():

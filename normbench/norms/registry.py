@@ -61,13 +61,15 @@ def norm_options(factory: NormFactory) -> dict[str, Any]:
 
 def parse_norm_name(name: str) -> tuple[str, dict[str, Any]]:
     """``groupnorm(groups=8)`` -> ("groupnorm", {"groups": 8}); a plain name has no options."""
+    problem = _parenthesis_problem(name)
     match = _WITH_OPTIONS.match(name)
+    if match is None and "(" in name and not problem:
+        problem = "a misplaced parenthesis"
+    if problem:
+        raise NormbenchError(
+            f"The norm name {name!r} has {problem}; options are written 'groupnorm(groups=8)'."
+        )
     if match is None:
-        if "(" in name or ")" in name:
-            raise NormbenchError(
-                f"Unbalanced parentheses in the norm name {name!r}; options are written "
-                "'groupnorm(groups=8)'."
-            )
         return name, {}
     base, inside = match.groups()
     usage = (
@@ -84,6 +86,16 @@ def parse_norm_name(name: str) -> tuple[str, dict[str, Any]]:
         return base, {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     except (SyntaxError, ValueError):
         raise NormbenchError(usage) from None
+
+
+def _parenthesis_problem(name: str) -> str | None:
+    """What is wrong with the parentheses of ``name``, if they do not pair up."""
+    depth = 0
+    for char in name:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return "a ')' without its '('"
+    return "an unclosed parenthesis" if depth else None
 
 
 class NormRegistry(Registry[NormFactory]):

@@ -1,15 +1,16 @@
 """Suites: versioned TOML protocols, their validation, and the planner that expands them into runs.
 
 A suite file names the dataset, the norms and optimizers to cross, the seeds, the reference pair
-and one table per *budget* (``smoke``, ``cpu``, ``full``) with the model, schedule, augmentation
-and per-optimizer hyper-parameters. Unknown keys are rejected and every value is type-checked;
-errors name the file and the key. Built-in suites live next to this module; ``--suite`` also
-accepts a path to a TOML file.
+and one table per *budget* (``smoke``, ``laptop``, ``cpu``, ``full``) with the model, schedule,
+augmentation and per-optimizer hyper-parameters. Unknown keys are rejected and every value is
+type-checked; errors name the file and the key. Built-in suites live next to this module;
+``--suite`` also accepts a path to a TOML file. The catalogue of built-in suites and the budget
+names live in the light ``normbench.suite_catalog`` (re-exported here), so the command line can
+list them without importing torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import inspect
@@ -28,10 +29,15 @@ from normbench.errors import NormbenchError, SuiteError
 from normbench.models import MODELS, check_model_supports, conv_norm_factory
 from normbench.norms import NORMS
 from normbench.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_RULE
-from normbench.registry import EntryInfo, Registry
+from normbench.registry import Registry
+from normbench.suite_catalog import BUDGETS, BUILTIN_DIR, MAX_SEED, SUITES
 
-BUILTIN_DIR = Path(__file__).parent
-BUDGETS = ("smoke", "cpu", "full")
+__all__ = [
+    "BUDGETS", "BUILTIN_DIR", "DATASET_NAMES", "MAX_SEED", "SUITES", "Augment", "Budget",
+    "Reference", "RunSpec", "Suite", "SuiteFile", "default_budget", "default_budget_reason",
+    "load_suite", "load_suite_file", "plan",
+]  # fmt: skip
+
 DATASET_NAMES = ("cifar10", "imagenet", "imagenette-mini")
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -82,7 +88,7 @@ class SuiteFile(_Strict):
     dataset: Literal[DATASET_NAMES]  # type: ignore[valid-type]
     norms: list[str]
     optimizers: list[str]
-    seeds: list[int]
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]]
     reference: Reference
     corruption_set: Literal["cifar10-c", "imagenet-c"] | None = None  # also evaluate on it
     budgets: dict[Literal[BUDGETS], Budget]  # type: ignore[valid-type]
@@ -106,20 +112,6 @@ class Suite:
                 f"{', '.join(self.spec.budgets)} (valid budget names: {', '.join(BUDGETS)})."
             )
         return self.spec.budgets[name]
-
-
-SUITES: Registry[Path] = Registry("suite")
-
-
-def _register_builtin_suites() -> None:
-    for path in sorted(BUILTIN_DIR.glob("*.toml")):
-        description = ""
-        with contextlib.suppress(tomllib.TOMLDecodeError):  # reported in full when loaded
-            description = tomllib.loads(path.read_text()).get("description", "")
-        SUITES.add(path.stem, path, EntryInfo(path.stem, description, "classify"))
-
-
-_register_builtin_suites()
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -222,8 +214,39 @@ def load_suite(name_or_path: str) -> Suite:
     return load_suite_file(SUITES.get(name_or_path).obj)
 
 
-def default_budget() -> str:
-    return "full" if torch.cuda.is_available() else "cpu"
+def default_budget_reason(suite: Suite, device: torch.device | None = None) -> tuple[str, str]:
+    """The budget a run of ``suite`` on ``device`` (default: the best one here) uses when none is
+    named, and a one-line reason for the user.
+
+    With CUDA the longest recipe fits; on a CPU, ``cpu`` is sized for bfloat16 matrix units
+    (AMX) and ``laptop`` for two fp32 cores. The first preferred budget the suite defines wins,
+    else the suite's first budget.
+    """
+    from normbench.runtime import fast_bf16, resolve_device
+
+    device = device or resolve_device()
+    if device.type == "cuda":
+        prefer, where = ("full", "cpu", "laptop"), "with CUDA"
+    elif fast_bf16(device):
+        prefer, where = ("cpu", "laptop"), "on a CPU with bfloat16 matrix units (AMX)"
+    else:
+        prefer, where = ("laptop", "cpu"), "on a CPU without bfloat16 matrix units"
+    defined = list(suite.spec.budgets)
+    candidates = [b for b in prefer if b in defined]
+    if not candidates:
+        return defined[0], f"the suite's first budget; it defines none of {', '.join(prefer)}"
+    chosen, why = candidates[0], f"the default {where}"
+    if len(candidates) > 1:
+        other = candidates[1]
+        length = "longer" if BUDGETS.index(other) > BUDGETS.index(chosen) else "shorter"
+        why += f"; --budget {other} is the {length} recipe"
+    return chosen, why
+
+
+def default_budget(suite: Suite, device: torch.device | None = None) -> str:
+    """The budget a run of ``suite`` on ``device`` uses when none is named (see
+    :func:`default_budget_reason`)."""
+    return default_budget_reason(suite, device)[0]
 
 
 # --- planning ------------------------------------------------------------------------------------
