@@ -110,10 +110,12 @@ def create_db_engine(url: str) -> Engine:
             raise read_only(shown, "the URL opens it with mode=ro")
         check_sqlite_file(path, readonly=False)
         if path.exists() and path.stat().st_size:
-            _with_checked_copy(path, lambda checked: _known_revision(checked, shown))
+            _inspect_sqlite(path, lambda checked: _known_revision(checked, shown))
     # The write probe uses an engine of its own: the write engine's first connection switches
     # the file to WAL, which writes to it, and must not happen to a database that is refused.
-    probe = _engine(parsed)
+    # It waits for another process's write transaction as long as the write engine would.
+    sqlite = parsed.get_backend_name() == "sqlite"
+    probe = _engine(parsed, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000} if sqlite else {})
     short_errors(probe, shown)
     try:
         if path is None:
@@ -141,7 +143,7 @@ def readonly_engine(url: str) -> Engine:
     shown, path = where(parsed), sqlite_path(parsed)
     if path is not None:
         check_sqlite_file(path, readonly=True)
-        _with_checked_copy(path, lambda checked: _check_revision(checked, shown, readonly=True))
+        _inspect_sqlite(path, lambda checked: _check_revision(checked, shown, readonly=True))
         engine = _sqlite_readonly(path)
         short_errors(engine, shown)
         return engine
@@ -161,7 +163,7 @@ def readonly_engine(url: str) -> Engine:
     return engine
 
 
-def _with_checked_copy(path: Path, then: Callable[[Engine], None]) -> None:
+def _inspect_sqlite(path: Path, then: Callable[[Engine], None]) -> None:
     """Run ``quick_check`` on an SQLite file, then ``then`` on the same read-only engine.
 
     A WAL database that nobody has open (it has no ``-wal`` file) is read as immutable here, so
