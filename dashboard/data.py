@@ -76,9 +76,7 @@ def readonly_engine(url: str) -> Engine:
 
 def display_url(engine: Engine) -> str:
     """The URL as the user gave it (a plain file path for SQLite)."""
-    if engine.url.get_backend_name() == "sqlite":
-        return (engine.url.database or "").removeprefix("file:")
-    return engine.url.render_as_string(hide_password=True)
+    return store.where(engine.url)
 
 
 def error_state(err: Exception) -> tuple[DatabaseState, str]:
