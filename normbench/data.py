@@ -16,8 +16,9 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
-import tempfile
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 
-from normbench import config
+from normbench import config, progress
 from normbench.errors import DataError
 
 CIFAR10_CLASSES = (
@@ -45,6 +45,8 @@ CIFAR10_CLASSES = (
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ def _cache_paths(name: str, split: str) -> tuple[Path, Path, Path]:
 
 
 def _read_cache(name: str, split: str) -> ArrayDataset | None:
+    """The cached split, or None when there is none or it is damaged (then it is decoded again)."""
     images_path, labels_path, manifest_path = _cache_paths(name, split)
     if not manifest_path.exists():
         return None
@@ -101,12 +104,15 @@ def _read_cache(name: str, split: str) -> ArrayDataset | None:
             return None
         for path in (images_path, labels_path):
             if sha256_file(path) != manifest["sha256"][path.name]:
-                return None
+                raise ValueError(f"{path.name} fails its checksum")
         images = torch.from_numpy(np.load(images_path))
         labels = torch.from_numpy(np.load(labels_path)).long()
-    except (OSError, ValueError, KeyError):
-        return None  # unreadable or inconsistent: rebuild
-    return ArrayDataset(images, labels, tuple(manifest["classes"]), manifest["source"])
+        classes, source = tuple(manifest["classes"]), manifest["source"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("The cached %s %s in %s is damaged (%s); decoding it again.", name, split,
+                    manifest_path.parent, err)  # fmt: skip
+        return None
+    return ArrayDataset(images, labels, classes, source)
 
 
 def _write_cache(name: str, split: str, ds: ArrayDataset) -> None:
@@ -136,42 +142,90 @@ def _find_parquet(root: Path, split: str) -> list[Path]:
     return []
 
 
+def _unreadable(path: Path, what: str, err: BaseException) -> DataError:
+    """The error for a mirror file that cannot be used: which file, why, and what to do."""
+    cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    # pyarrow starts with "Could not open Parquet input source '<path>': "; the path is named
+    # at the start of the message already.
+    cause = cause.split(f"'{path}': ", 1)[-1][:200].rstrip(".")
+    return DataError(
+        f"{path} {what} ({type(err).__name__}: {cause}). The file is damaged or incomplete: "
+        "restore it from the mirror it was copied from (compare it with the mirror's checksums), "
+        "or point --data-dir / NORMBENCH_DATA_DIR at an intact mirror."
+    )
+
+
+def _read_parquet(files: list[Path]):
+    """The parquet files as one Arrow table, the ``datasets`` features of its columns, and the
+    index of each file's first row."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in files:
+        try:
+            tables.append(pq.read_table(path))
+        except (pa.ArrowException, OSError) as err:
+            raise _unreadable(path, "cannot be read as a parquet file", err) from None
+    try:
+        table = pa.concat_tables(tables)
+    except pa.ArrowException as err:
+        raise DataError(
+            f"The parquet files {', '.join(str(f) for f in files)} do not share one schema "
+            f"({err}); a mirror folder holds the shards of one dataset only."
+        ) from None
+    # The hub layout keeps its feature types (Image, ClassLabel) in the schema's metadata.
+    starts = np.cumsum([0] + [len(t) for t in tables[:-1]])
+    return table, datasets.Features.from_arrow_schema(table.schema), starts
+
+
 def _decode_parquet(files: list[Path], split: str) -> ArrayDataset:
-    """Decode the hub parquet layout (``img`` PNG bytes, ``label`` ClassLabel) with ``datasets``."""
+    """Decode the hub parquet layout (``img`` PNG bytes, ``label`` ClassLabel).
+
+    Reading the files with pyarrow takes well under a second; the time goes into decoding the
+    PNGs (50,000 for the training set), which shows a bar with its rate and time left.
+    """
     import datasets
     from PIL import Image
 
-    with tempfile.TemporaryDirectory() as hf_cache:  # decoded tensors are our cache, not arrow
-        ds = datasets.load_dataset(
-            "parquet",
-            data_files={split: [str(f) for f in files]},
-            split=split,
-            cache_dir=hf_cache,
+    table, features, starts = _read_parquet(files)
+    image_column = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+    label_column = next(
+        (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None
+    )
+    if image_column is None or label_column is None:
+        raise DataError(
+            f"{files[0]} is not in the Hugging Face image-classification layout: it needs an "
+            f"Image column and a ClassLabel column, and has {dict(features)}."
         )
-        image_column = next(
-            (k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None
-        )
-        label_column = next(
-            (k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None
-        )
-        if image_column is None or label_column is None:
-            raise DataError(
-                f"{files[0]} is not in the Hugging Face image-classification layout: it needs an "
-                f"Image column and a ClassLabel column, and has {dict(ds.features)}."
-            )
-        classes = tuple(ds.features[label_column].names)
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
-        encoded = ds.with_format("arrow")[image_column].combine_chunks().field("bytes")
-        labels = np.asarray(ds.with_format("numpy")[label_column], dtype=np.int64)
-        images = np.empty((len(ds), 32, 32, 3), dtype=np.uint8)
-        for i in track(range(len(ds)), description=f"Decoding CIFAR-10 {split}", transient=True):
-            with Image.open(io.BytesIO(encoded[i].as_py())) as im:
-                if im.size != (32, 32):
+    classes = tuple(features[label_column].names)
+    encoded = table.column(image_column).combine_chunks().field("bytes")
+    labels = table.column(label_column).to_numpy().astype(np.int64)
+    images = np.empty((len(table), 32, 32, 3), dtype=np.uint8)
+    chunk = 500
+    with progress.task(f"decoding CIFAR-10 {split}", total=len(table)) as advance:
+        for lo in range(0, len(table), chunk):
+            for i, png in enumerate(encoded.slice(lo, chunk).to_pylist(), start=lo):
+                path = files[int(np.searchsorted(starts, i, side="right")) - 1]  # row i's file
+                if png is None:
                     raise DataError(
-                        f"{files[0]}: row {i} is a {im.size[0]}x{im.size[1]} image; CIFAR-10 "
-                        "images are 32x32."
+                        f"{path}: row {i} holds no image bytes (the mirror must embed the PNG "
+                        "images, as uoft-cs/cifar10 does)."
                     )
-                images[i] = np.asarray(im.convert("RGB"))
+                try:
+                    with Image.open(io.BytesIO(png)) as im:
+                        size = im.size
+                        if size == (32, 32):
+                            images[i] = np.asarray(im.convert("RGB"))
+                except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for bad images
+                    raise _unreadable(path, f"holds an undecodable image in row {i}", err) from None
+                if size != (32, 32):
+                    raise DataError(
+                        f"{path}: row {i} is a {size[0]}x{size[1]} image; CIFAR-10 images are "
+                        "32x32."
+                    )
+            advance(min(chunk, len(table) - lo))
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     return ArrayDataset(tensor, torch.from_numpy(labels), classes, f"parquet:{files[0].parent}")
 
@@ -206,7 +260,13 @@ def _build_cifar10(split: str, data_dir: Path | None) -> ArrayDataset:
             return _decode_parquet(files, split)
         for root in (data_dir, data_dir / "cifar10"):
             if (root / "cifar-10-batches-py").is_dir():
-                return _load_torchvision(root, split, download=False)
+                try:
+                    return _load_torchvision(root, split, download=False)
+                except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
+                    folder = root / "cifar-10-batches-py"
+                    raise _unreadable(
+                        folder, "holds a batch file that cannot be read", err
+                    ) from None
     root = config.cache_dir() / "downloads"
     try:
         return _load_torchvision(root, split, download=True)
@@ -275,8 +335,13 @@ def _decode_imagefolder(root: Path, name: str) -> ArrayDataset:
         [transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()]
     )
     images = torch.empty((len(folder), 3, 224, 224), dtype=torch.uint8)
-    for i in track(range(len(folder)), description=f"Decoding {name} {root.name}", transient=True):
-        images[i] = transform(folder.loader(folder.samples[i][0]))
+    with progress.task(f"decoding {name} {root.name}", total=len(folder)) as advance:
+        for i, (path, _) in enumerate(folder.samples):
+            try:
+                images[i] = transform(folder.loader(path))
+            except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for bad images
+                raise _unreadable(Path(path), "is not a readable image", err) from None
+            advance(1)
     labels = torch.tensor(folder.targets, dtype=torch.int64)
     return ArrayDataset(images, labels, tuple(folder.classes), f"imagefolder:{root}")
 

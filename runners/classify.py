@@ -55,7 +55,10 @@ class Progress:
     on_start: Callable[[int, int], None] = lambda epochs, steps_per_epoch: None
     on_step: Callable[[int], None] = lambda step: None
     on_epoch: Callable[[int, dict[str, float]], None] = lambda epoch, values: None
-    on_eval_batch: Callable[[int, int], None] = lambda done, total: None
+    on_eval_batch: Callable[[int, int], None] = lambda done, total: None  # clean test set
+    # (corruption, severity) pairs evaluated so far, called with 0 before the first
+    on_corruption: Callable[[int, int], None] = lambda done, total: None
+    on_speed_check: Callable[[], None] = lambda: None  # the end-of-run speed check begins
 
 
 @torch.inference_mode()
@@ -126,11 +129,12 @@ def evaluate_corruptions(
     }
     accuracy: dict[tuple[str, int], float] = {}
     pairs = [(c, sev) for c in CORRUPTIONS_ALL for sev in SEVERITIES]
+    progress.on_corruption(0, len(pairs))
     for i, (name, severity) in enumerate(pairs):
         accuracy[name, severity] = evaluate(
             model, loader_for(cset.load(name, severity)), dtype
         ).accuracy
-        progress.on_eval_batch(i + 1, len(pairs))
+        progress.on_corruption(i + 1, len(pairs))
     rows = [MetricRow(M.ACCURACY, a, "test", c, sev) for (c, sev), a in accuracy.items()]
     return rows + aggregate_rows(accuracy)
 
@@ -343,6 +347,7 @@ def _run(
     if result.status == "finished" and s["speed_pairs"]:
         shape, classes = train_set.images.shape[1:], len(train_set.classes)
         del model, optimizer  # the speed check builds its own two models
+        progress.on_speed_check()
         try:
             rows += speed_vs_batchnorm(spec, device, dtype, shape, classes)
         except torch.OutOfMemoryError:  # the trained run stands; only its speed ratio is missing

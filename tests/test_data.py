@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import urllib.error
 import urllib.request
 
@@ -11,23 +12,35 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import invoke
 from PIL import Image
+from sqlalchemy import select
 
 from normbench import data
-from normbench.data import CIFAR10_CLASSES, ArrayDataset, TensorLoader, load_cifar10
+from normbench.data import (
+    CIFAR10_CLASSES,
+    ArrayDataset,
+    TensorLoader,
+    load_cifar10,
+    load_dataset,
+)
 from normbench.errors import DataError
+from normbench.store import Run, open_store
 
 
-def write_hub_parquet(root, split: str, images: np.ndarray, labels: list[int]) -> None:
-    """Write ``images`` (N,32,32,3 uint8) in the Hugging Face hub layout of uoft-cs/cifar10."""
+def write_hub_parquet(
+    root, split: str, images: np.ndarray, labels: list[int], raw: dict[int, bytes] | None = None
+) -> None:
+    """Write ``images`` (N,32,32,3 uint8) in the Hugging Face hub layout of uoft-cs/cifar10
+    (``raw``: bytes stored instead of the PNG of some rows)."""
     features = datasets.Features(
         {"img": datasets.Image(), "label": datasets.ClassLabel(names=list(CIFAR10_CLASSES))}
     )
     pngs = []
-    for img in images:
+    for i, img in enumerate(images):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
-        pngs.append({"bytes": buf.getvalue(), "path": None})
+        pngs.append({"bytes": (raw or {}).get(i, buf.getvalue()), "path": None})
     ds = datasets.Dataset.from_dict({"img": pngs, "label": labels}, features=features)
     (root / "cifar10" / "plain_text").mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(root / "cifar10" / "plain_text" / f"{split}-00000-of-00001.parquet"))
@@ -96,6 +109,86 @@ def test_wrong_content_is_rejected(tmp_path, fresh_cache):
         load_cifar10("train", tmp_path)
     with pytest.raises(DataError, match="row 0 is a 16x16 image"):
         load_cifar10("test", tmp_path)
+
+
+def test_damaged_cache_manifest_is_decoded_again(tiny_mirror, fresh_cache):
+    root, images, _ = tiny_mirror
+    load_cifar10("test", root)
+    (fresh_cache / "datasets" / "cifar10" / "test.json").write_text("{not json")
+    ds = load_cifar10("test", root)
+    assert np.array_equal(ds.images.permute(0, 2, 3, 1).numpy(), images["test"])
+    assert data._read_cache("cifar10", "test") is not None
+
+
+def test_an_undecodable_image_names_the_file_and_row(tmp_path, fresh_cache):
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    write_hub_parquet(tmp_path, "test", images, [0, 1, 2], raw={1: b"\x89PNG damaged"})
+    path = tmp_path / "cifar10" / "plain_text" / "test-00000-of-00001.parquet"
+    with pytest.raises(DataError) as info:
+        load_cifar10("test", tmp_path)
+    assert str(info.value).startswith(f"{path} holds an undecodable image in row 1 (")
+    assert not (fresh_cache / "datasets" / "cifar10" / "test.json").exists()
+
+
+# --- a damaged mirror is refused before anything is written --------------------------------------
+
+DAMAGE = {
+    "truncated": lambda good: good.read_bytes()[: 1 << 16],  # a copy that stopped early
+    "garbage": lambda good: b"this is not a parquet file\n" * 100,
+}
+
+
+def snapshot(folder):
+    """Every entry under ``folder``: link target or size, modification time and content hash."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            found[str(path)] = ("link", os.readlink(path))
+        elif path.is_file():
+            stat = path.stat()
+            found[str(path)] = (stat.st_size, stat.st_mtime_ns, data.sha256_file(path))
+    return found
+
+
+@pytest.fixture(params=sorted(DAMAGE))
+def bad_mirror(request, cifar_dir, tmp_path, fresh_cache, monkeypatch):
+    """The real mirror's layout with its test file linked and its training file damaged, and an
+    empty cache (so that a good decoded copy cannot hide the damaged file)."""
+    monkeypatch.delenv("NORMBENCH_DATA_DIR")
+    root = tmp_path / "bad-mirror"
+    (root / "cifar10").mkdir(parents=True)
+    name = "test-00000-of-00001.parquet"
+    (root / "cifar10" / name).symlink_to(cifar_dir / "cifar10" / name)
+    damaged = root / "cifar10" / "train-00000-of-00001.parquet"
+    damaged.write_bytes(DAMAGE[request.param](cifar_dir / "cifar10" / damaged.name))
+    return root, damaged
+
+
+def test_a_damaged_parquet_file_is_refused_naming_it(bad_mirror):
+    root, damaged = bad_mirror
+    with pytest.raises(DataError) as info:
+        load_dataset("cifar10", "train", root)
+    message = str(info.value)
+    assert message.startswith(f"{damaged} cannot be read as a parquet file (ArrowInvalid: ")
+    assert "Parquet magic bytes not found" in message  # the short cause
+    assert "restore it from the mirror" in message and "--data-dir" in message
+
+
+def test_the_cli_refuses_a_damaged_mirror_and_changes_nothing(bad_mirror, tmp_path, fresh_cache):
+    root, damaged = bad_mirror
+    before = snapshot(root)
+    db = tmp_path / "results.db"
+    prepare = invoke("data", "prepare", "cifar10", f"--data-dir={root}")
+    run = invoke("run", "--suite=cifar10", "--budget=smoke", "--norms=batchnorm",
+                 "--optimizers=sgd", f"--data-dir={root}", f"--db={db}")  # fmt: skip
+    for result in (prepare, run):
+        assert result.exit_code == 2, result.output
+        error = result.output[result.output.index("Error: ") :]
+        assert error.startswith(f"Error: {damaged} cannot be read as a parquet file"), error
+    assert snapshot(root) == before
+    with open_store(f"sqlite:///{db}").session() as s:
+        assert s.scalars(select(Run)).all() == []
+    assert not (fresh_cache / "datasets" / "cifar10" / "train.json").exists()
 
 
 def _toy(n=64):

@@ -19,6 +19,7 @@ official files are then indexed; a generated subset is cached in a directory of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from normbench import config
+from normbench import config, progress
 from normbench.corruptions import ALL, CORRUPTIONS, SEVERITIES, TABLE_VERSION, check, corrupt
 from normbench.data import ArrayDataset, load_cifar10, sha256_file, subset_indices
 from normbench.errors import DataError
@@ -190,10 +191,12 @@ def generate(
     device: torch.device | None = None,
     data_dir: str | Path | None = None,
     corruptions: tuple[str, ...] = ALL,
-    on_progress: Callable[[str, int, float], None] = lambda name, severity, seconds: None,
+    on_progress: Callable[[str, int, float], None] | None = None,
 ) -> CorruptedSet:
     """Generate CIFAR-10-C (of the test images at ``indices``; all by default) with the engine
-    into ``root``, in the official layout, with a manifest."""
+    into ``root``, in the official layout, with a manifest. ``on_progress(name, severity,
+    seconds)`` is called after each (corruption, severity); without it a progress bar on stderr
+    shows images/s and the time left."""
     device = device or torch.device("cpu")
     test = load_cifar10("test", data_dir)
     images, labels = test.images, test.labels
@@ -225,31 +228,58 @@ def generate(
     manifest["sha256"]["labels"] = sha256_file(labels_path)
     images = images.to(device)
     positions = torch.arange(rows) if indices is None else indices  # the images' test indices
+    todo = []
     for name in corruptions:
-        path = root / f"{name}.npy"
-        known = reusable.get("sha256", {}).get(name)
+        path, known = root / f"{name}.npy", reusable.get("sha256", {}).get(name)
         if known and path.exists() and sha256_file(path) == known:
             manifest["sha256"][name] = known
             manifest["seconds"][name] = reusable.get("seconds", {}).get(name)
-            continue
-        tmp = path.with_suffix(".tmp.npy")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(5 * rows, 32, 32, 3))
-        start = time.perf_counter()
-        for severity in SEVERITIES:
-            for lo in range(0, rows, GENERATION_BATCH):
-                part = slice(lo, lo + GENERATION_BATCH)
-                batch = corrupt(images[part], name, severity, seed, positions[part])
-                first = rows * (severity - 1) + lo
-                out[first : first + len(batch)] = batch.permute(0, 2, 3, 1).cpu().numpy()
-            on_progress(name, severity, time.perf_counter() - start)
-        out.flush()
-        del out
-        os.replace(tmp, path)
-        manifest["seconds"][name] = time.perf_counter() - start
-        manifest["sha256"][name] = sha256_file(path)
-        _write_manifest(root, manifest)  # after each file, so a stopped run keeps finished files
+        else:
+            todo.append(name)
+    # A caller's hook shows the progress its own way (the CLI's table); otherwise a bar does.
+    bar = (
+        contextlib.nullcontext(lambda n: None)
+        if on_progress is not None
+        else progress.task("generating CIFAR-10-C", total=len(todo) * len(SEVERITIES) * rows)
+    )
+    with bar as advance:
+        for name in todo:
+            _generate_file(root, name, images, positions, seed, manifest, on_progress, advance)
+            _write_manifest(root, manifest)  # after each file: a stopped run keeps finished files
     _write_manifest(root, manifest)
     return CorruptedSet(root, manifest)
+
+
+def _generate_file(
+    root: Path,
+    name: str,
+    images: torch.Tensor,
+    positions: torch.Tensor,
+    seed: int,
+    manifest: dict,
+    on_progress: Callable[[str, int, float], None] | None,
+    advance: Callable[[float], None],
+) -> None:
+    """Write ``<name>.npy`` (the five severities of ``images``) and record it in ``manifest``."""
+    rows = len(images)
+    path = root / f"{name}.npy"
+    tmp = path.with_suffix(".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(5 * rows, 32, 32, 3))
+    start = time.perf_counter()
+    for severity in SEVERITIES:
+        for lo in range(0, rows, GENERATION_BATCH):
+            part = slice(lo, lo + GENERATION_BATCH)
+            batch = corrupt(images[part], name, severity, seed, positions[part])
+            first = rows * (severity - 1) + lo
+            out[first : first + len(batch)] = batch.permute(0, 2, 3, 1).cpu().numpy()
+            advance(len(batch))
+        if on_progress is not None:
+            on_progress(name, severity, time.perf_counter() - start)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    manifest["seconds"][name] = time.perf_counter() - start
+    manifest["sha256"][name] = sha256_file(path)
 
 
 def _write_manifest(root: Path, manifest: dict) -> None:
@@ -266,7 +296,7 @@ def prepare_cifar10_c(
     subset_seed: int = 0,
     device: torch.device | None = None,
     corruptions: tuple[str, ...] = ALL,
-    on_progress: Callable[[str, int, float], None] = lambda name, severity, seconds: None,
+    on_progress: Callable[[str, int, float], None] | None = None,
 ) -> CorruptedSet:
     """Official CIFAR-10-C if the data directory has it, else the cached or a new generated set;
     ``subset`` > 0 evaluates that many seeded test images per (corruption, severity)."""
