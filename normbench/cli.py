@@ -243,7 +243,7 @@ def _run_suite(
     err.print(
         f"{len(specs)} run(s) of suite [bold]{s.name}[/bold], budget [bold]{budget_name}"
         f"[/bold]{f' ({why})' if why else ''}, on {dev}; results in "
-        f"{store.engine.url.render_as_string()}"
+        f"{store.location}"
     )
     try:
         outcomes = run_specs(specs, store, device=dev, data_dir=data_dir, force=force, console=err)
@@ -436,7 +436,7 @@ def leaderboard(
     if table.empty:
         err.print(
             f"No runs of suite {s.name!r} (protocol version {version}) at budget "
-            f"{budget_name!r} in {store.engine.url.render_as_string()}. Produce some with "
+            f"{budget_name!r} in {store.location}. Produce some with "
             f"`normbench run --suite {s.name} --budget {budget_name}`."
         )
         if format is not Format.table:
@@ -524,6 +524,8 @@ def dashboard(
 
     try:
         readonly_engine(url).dispose()
+    except NormbenchError:
+        raise  # already one clear paragraph (missing, damaged, older schema, ...)
     except Exception as e:  # noqa: BLE001 - an unusable URL, reported as such
         raise NormbenchError(f"Cannot use the database URL {url!r}: {e}") from None
     with socket.socket() as probe:

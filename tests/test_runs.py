@@ -140,7 +140,8 @@ def test_diverged_and_failed_runs_are_recorded_and_the_suite_goes_on(cifar_dir, 
     result = smoke_run(
         f"--db={db}", suite=str(suite), norms="test-broken,batchnorm", optimizers="sgd,adamw"
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # a crashed run fails the command, after the rest
+
     found = runs(db)
     assert found["test-broken+sgd+0"].status is RunStatus.failed
     assert "broken on purpose" in found["test-broken+sgd+0"].error
