@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sqlite3
 import stat
 from pathlib import Path
@@ -266,9 +267,11 @@ def test_in_a_real_browser(results_db, tmp_path):
         server.wait(timeout=30)
 
 
-def test_sigterm_stops_the_dashboard_server_with_nothing_left_running(results_db):
-    """What a service manager does: SIGTERM to the process it started. The server is that
-    process (the command execs Streamlit), so stopping it frees the port."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_dashboard_server_with_nothing_left_running(results_db, signum):
+    """What a service manager (SIGTERM) or a user's Ctrl-C (SIGINT) does to the process it
+    started. The server is that process (the command execs Streamlit), so stopping it frees the
+    port."""
     import socket
     import subprocess
     import sys
@@ -277,12 +280,17 @@ def test_sigterm_stops_the_dashboard_server_with_nothing_left_running(results_db
     port = free_port()
     command = [sys.executable, "-m", "normbench.cli", "dashboard", f"--db={results_db}",
                f"--port={port}"]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A shell starts background jobs with SIGINT ignored; give the child the default disposition
+    # an interactive user's Ctrl-C would meet.
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         wait_healthy(f"http://localhost:{port}", server)
         with open(f"/proc/{server.pid}/cmdline", "rb") as f:
             assert b"streamlit" in f.read()  # the started process is the server itself
-        server.terminate()
+        server.send_signal(signum)
         server.wait(timeout=30)
         deadline = time.monotonic() + 30
         while True:
