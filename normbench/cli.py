@@ -241,7 +241,7 @@ def _run_suite(
     _lookup("--norms", NORMS, norm_list or [])
     specs = plan(s, budget_name, norms=norm_list, optimizers=opt_list, seeds=seed_list)
     err.print(
-        f"{len(specs)} run(s) of suite [bold]{s.name}[/bold], budget [bold]{budget_name}"
+        f"Suite [bold]{s.name}[/bold], budget [bold]{budget_name}"
         f"[/bold]{f' ({why})' if why else ''}, on {dev}; results in "
         f"{store.location}"
     )
@@ -249,8 +249,8 @@ def _run_suite(
         outcomes = run_specs(specs, store, device=dev, data_dir=data_dir, force=force, console=err)
     except KeyboardInterrupt:
         err.print(
-            "[yellow]Interrupted.[/yellow] The run is marked interrupted; run the same "
-            "command again to resume from its last finished epoch."
+            "[yellow]Interrupted.[/yellow] A run that had started is marked interrupted; run "
+            "the same command again to go on (a run resumes from its last finished epoch)."
         )
         raise typer.Exit(130) from None
     if s.spec.corruption_set:
@@ -661,10 +661,12 @@ def data_prepare(
     if dataset is DatasetName.cifar10_c:
         _prepare_cifar10_c(data_dir, seed, device)
         return
+    from normbench import progress
     from normbench.data import load_dataset
 
     for split in ("train", "test"):
-        ds = load_dataset(dataset.value, split, data_dir)
+        with progress.display(err):
+            ds = load_dataset(dataset.value, split, data_dir)
         err.print(f"{dataset.value} {split}: {len(ds)} images from {ds.source}")
     out.print(f"cached in {config.cache_dir() / 'datasets' / dataset.value}")
 
@@ -672,21 +674,14 @@ def data_prepare(
 def _prepare_cifar10_c(data_dir: str | None, seed: int, device: str | None) -> None:
     import time
 
-    from rich.progress import Progress
-
-    from normbench.corruptions import ALL
+    from normbench import progress
     from normbench.corruptions.sets import prepare_cifar10_c
     from normbench.runtime import resolve_device
 
     dev = resolve_device(device or "cpu")
     start = time.perf_counter()
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("generating CIFAR-10-C", total=len(ALL) * 5)
-
-        def on_progress(name: str, severity: int, seconds: float) -> None:
-            bar.update(task, advance=1, description=f"generating {name} severity {severity}")
-
-        cset = prepare_cifar10_c(data_dir, seed=seed, device=dev, on_progress=on_progress)
+    with progress.display(err):  # decoding and generation show their bars on it
+        cset = prepare_cifar10_c(data_dir, seed=seed, device=dev)
     seconds = cset.manifest.get("seconds", {})
     if seconds:
         t = Table("corruption", "seconds (5 x 10,000 images)", "images/s", title="CIFAR-10-C")

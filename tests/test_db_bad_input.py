@@ -248,7 +248,7 @@ def test_a_bad_database_is_refused_untouched(
     assert says in message
     named = db if "://" not in db else db.split("///", 1)[1].removeprefix("file:").split("?")[0]
     assert "--db" in message or str((folder / named).resolve()) in message
-    assert "run(s) of suite" not in message  # refused before any run was planned or started
+    assert "Plan:" not in message  # refused before any run was planned or started
     assert "INSERT" not in message and "SELECT" not in message
     assert snapshot(folder) == before
 
