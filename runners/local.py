@@ -199,7 +199,7 @@ def print_plan(planned: list[Planned], device: torch.device, console: Console) -
         if p.resume_epoch is not None:
             resumes = f"resumes after epoch {p.resume_epoch}/{p.spec.settings['epochs']}; "
         console.print(
-            f"  run {p.index}/{n}  {label(p.spec):<{width}}  "
+            f"  run {f'{p.index}/{n}':>{2 * len(str(n)) + 1}}  {label(p.spec):<{width}}  "
             f"~{format_duration(p.estimate.seconds):<12} {resumes}{p.estimate.basis}",
             markup=False,
             highlight=False,
