@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from rich.progress import Progress
 
 from normbench import config, estimate, progress
 from normbench import metrics as M
-from normbench.data import load_dataset
+from normbench.data import ArrayDataset, load_dataset
 from normbench.errors import NormbenchError
 from normbench.estimate import Estimate, Rates, RunClock
 from normbench.progress import format_duration
@@ -86,16 +86,17 @@ def check_data(specs: list[RunSpec], data_dir: str | Path | None) -> dict[str, D
     their corruption sets, before anything is written to the store: a missing or damaged data
     file stops the suite here, with its message, and leaves the database as it was."""
     info: dict[str, DataInfo] = {}
+    tests: dict[str, ArrayDataset] = {}  # each test set loaded once, for the corruption sets below
     prepared: set[tuple[str, int]] = set()
     for spec in specs:
         if spec.dataset not in info:
             train = load_dataset(spec.dataset, "train", data_dir)
+            tests[spec.dataset] = test = load_dataset(spec.dataset, "test", data_dir)
             info[spec.dataset] = DataInfo(
-                len(train), 0, tuple(train.images.shape[1:]), len(train.classes)
+                len(train), len(test), tuple(train.images.shape[1:]), len(train.classes)
             )
             del train  # a large array; the runs load their own from the cache
-        test = load_dataset(spec.dataset, "test", data_dir)
-        info[spec.dataset] = replace(info[spec.dataset], test_size=len(test))
+        test = tests[spec.dataset]
         corruptions = spec.settings.get("corruption_set")
         if corruptions and (corruptions, spec.settings["corruption_subset"]) not in prepared:
             classify.corruption_source(spec, test, data_dir)  # generated here, on first use
