@@ -295,6 +295,10 @@ def test_a_signal_stops_the_dashboard_server_with_nothing_left_running(results_d
         deadline = time.monotonic() + 30
         while True:
             with socket.socket() as probe:
+                # Connections the server closed linger in TIME_WAIT; only a listener still
+                # running should keep the port (SO_REUSEADDR binds past the former, never the
+                # latter).
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind(("localhost", port))
                     break
