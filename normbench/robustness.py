@@ -12,21 +12,22 @@ the suite's named reference pair, averaged over the reference's finished seeds:
 CE_c = sum_s E_sc / sum_s E_sc^ref, mCE = mean_c CE_c; relative CE_c = sum_s (E_sc - E_clean) /
 sum_s (E_sc^ref - E_clean^ref). CIFAR has no published reference network, so the reference run
 is named in each run's provenance (``mce_reference``).
+
+This module computes; ``Store.update_mce`` reads the errors and writes the rows.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-from sqlalchemy import Engine, delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
 
 from normbench import metrics as M
 from normbench.corruptions import BENCHMARK, EXTRA, FAMILIES, SEVERITIES
 from normbench.corruptions.imagenet_c import ALEXNET_ERRORS
 from normbench.metrics import MetricRow
-from normbench.store.models import Metric, Run, RunStatus
 
 CORRUPTION_ACCURACY = "corruption_accuracy"
 FAMILY_ACCURACY = "family_accuracy"
@@ -78,17 +79,62 @@ def corruption_errors(
     return 100 * _mean(ce), 100 * _mean(relative) if relative else float("nan")
 
 
-def _errors_by_run(session: Session, run_ids: list[int]) -> dict[int, dict]:
-    rows = session.execute(
-        select(Metric.run_id, Metric.corruption, Metric.severity, Metric.value).where(
-            Metric.run_id.in_(run_ids), Metric.name == M.ACCURACY, Metric.split == "test"
-        )
-    )
-    by_run: dict[int, dict] = defaultdict(dict)
+@dataclass(frozen=True)
+class MceTable:
+    """The mCE rows of a suite's runs: run id -> {metric name: value}, the reference as each run's
+    provenance names it, and how many runs have every benchmark (corruption, severity)."""
+
+    values: dict[int, dict[str, float]]
+    label: str
+    complete: int
+
+
+Errors = dict[int, dict[tuple[str, int], float]]
+
+
+def errors_of(rows: Iterable[tuple[int, str, int, float]]) -> Errors:
+    """Test errors by run and (corruption, severity), from (run id, corruption, severity,
+    accuracy) rows of the ``accuracy`` metric; ("", 0) is the clean error. Per-corruption means
+    (severity 0 of a corruption) are left out."""
+    by_run: Errors = defaultdict(dict)
     for run_id, corruption, severity, value in rows:
         if corruption == "" or severity > 0:
             by_run[run_id][corruption, severity] = 1.0 - value
     return by_run
+
+
+def mce_table(
+    errors: Mapping[int, Mapping[tuple[str, int], float]],
+    reference_seeds: Mapping[int, int],
+    reference: tuple[str, str],
+    alexnet: bool = False,
+) -> MceTable | None:
+    """mCE (and relative mCE) of every run in ``errors`` (its finished runs' errors, see
+    ``errors_of``), normalised by the mean errors of the reference pair's runs
+    (``reference_seeds``: run id -> seed) that have every benchmark error, or by AlexNet's
+    published errors with ``alexnet`` (then without relative mCE: its clean error is not part of
+    that reference). None when there is no such reference run."""
+    keys = [(c, s) for c in BENCHMARK for s in SEVERITIES]
+    complete = {r for r, e in errors.items() if all(k in e for k in keys)}
+    refs = sorted(r for r in reference_seeds if r in complete)
+    if alexnet:
+        ref_errors = {(c, s): ALEXNET_ERRORS[c] for c, s in keys}
+        ref_clean, label = None, "AlexNet (Hendrycks & Dietterich 2019)"
+    elif refs:
+        ref_errors = {k: _mean(errors[r][k] for r in refs) for k in keys}
+        ref_clean = _mean(errors[r]["", 0] for r in refs)
+        seeds = sorted(reference_seeds[r] for r in refs)
+        label = f"{reference[0]} + {reference[1]}, seeds {seeds}"
+    else:
+        return None
+    values = {}
+    for run_id in sorted(complete):
+        ours = errors[run_id]
+        if ("", 0) not in ours:
+            continue
+        mce, rel = corruption_errors(ours, ours["", 0], ref_errors, ref_clean)
+        values[run_id] = {MCE: mce} if ref_clean is None else {MCE: mce, RELATIVE_MCE: rel}
+    return MceTable(values, label, len(complete))
 
 
 def update_mce(
@@ -100,46 +146,9 @@ def update_mce(
     *,
     protocol_version: int,
 ) -> int:
-    """Recompute mCE rows of every finished run of ``suite``/``budget`` at ``protocol_version``
-    (a reference run of another protocol never normalises these); returns how many runs
-    got them (0 when the reference has no finished run with corruption results). With
-    ``alexnet`` (ImageNet-C), errors are normalised by AlexNet's published errors instead, and
-    relative mCE is not computed (its clean error is not part of that reference)."""
-    with Session(engine) as session, session.begin():
-        runs = session.scalars(
-            select(Run).where(
-                Run.suite == suite,
-                Run.budget == budget,
-                Run.protocol_version == protocol_version,
-                Run.status == RunStatus.finished,
-            )
-        ).all()
-        errors = _errors_by_run(session, [r.id for r in runs])
-        keys = [(c, s) for c in BENCHMARK for s in SEVERITIES]
-        complete = {r.id for r in runs if all(k in errors[r.id] for k in keys)}
-        refs = [r for r in runs if (r.norm, r.optimizer) == reference and r.id in complete]
-        session.execute(
-            delete(Metric).where(
-                Metric.run_id.in_([r.id for r in runs]), Metric.name.in_((MCE, RELATIVE_MCE))
-            )
-        )
-        if alexnet:
-            ref_errors = {(c, s): ALEXNET_ERRORS[c] for c, s in keys}
-            ref_clean, label = None, "AlexNet (Hendrycks & Dietterich 2019)"
-        elif refs:
-            ref_errors = {k: _mean(errors[r.id][k] for r in refs) for k in keys}
-            ref_clean = _mean(errors[r.id]["", 0] for r in refs)
-            label = f"{reference[0]} + {reference[1]}, seeds {sorted(r.seed for r in refs)}"
-        else:
-            return 0
-        for run in runs:
-            if run.id not in complete or ("", 0) not in errors[run.id]:
-                continue
-            ours = errors[run.id]
-            mce, rel = corruption_errors(ours, ours["", 0], ref_errors, ref_clean)
-            values = ((MCE, mce),) if ref_clean is None else ((MCE, mce), (RELATIVE_MCE, rel))
-            for name, value in values:
-                session.add(Metric(run_id=run.id, name=name, split="test", value=value,
-                                   corruption="", severity=0))  # fmt: skip
-            run.provenance = {**run.provenance, "mce_reference": label}
-        return len(complete)
+    """``Store.update_mce`` on ``engine`` (kept for callers that hold an engine)."""
+    from normbench.store import Store
+
+    return Store(engine).update_mce(
+        suite, budget, reference, alexnet, protocol_version=protocol_version
+    )

@@ -9,6 +9,10 @@ it fails, so that a CI run cannot pass by testing nothing.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -101,3 +105,61 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- results databases: SQLite files and a real PostgreSQL server ------------------------------
+
+MISSING_POSTGRES = (
+    "no PostgreSQL server for the tests: set NORMBENCH_TEST_POSTGRES_URL to an admin URL "
+    "(postgresql+psycopg://USER@HOST:PORT/postgres, a user that may create databases), or install "
+    "the server (apt-get install postgresql) so that tests/pgserver.py starts one"
+)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """The admin URL of a PostgreSQL server: ``NORMBENCH_TEST_POSTGRES_URL`` when set (CI starts
+    one), else a throwaway one started from the installed binaries for this session."""
+    given = os.environ.get("NORMBENCH_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    import pgserver
+
+    if pgserver.binaries() is None:
+        skip_or_fail(MISSING_POSTGRES)
+    # Not under pytest's temporary folder: its parents are private to this user, and as root the
+    # server runs as the postgres user, which must reach the folder.
+    folder = Path(tempfile.mkdtemp(prefix="normbench-pg-"))
+    try:
+        yield pgserver.start(folder)
+    finally:
+        pgserver.stop(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> Iterator[str]:
+    """A fresh, empty database on the test server for one test, dropped after it."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    name = f"normbench_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        yield make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A new results database URL on each backend: an SQLite file that does not exist yet, and
+    an empty PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'results.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -3,9 +3,11 @@ the database errors that the environment causes.
 
 An SQLite file is looked at byte by byte before any connection: SQLite itself would happily write
 a schema into a file that is not a database yet, or fail half-way through a run on a copy that was
-cut short. Such files are refused and left exactly as they were. Errors met later (a read-only
-file, a full disk, a damaged page, a lock held too long) reach the user as a ``StoreError`` with
-the short cause, never with the SQL statement that met them.
+cut short. Such files are refused and left exactly as they were. A database server is connected
+to once before anything else, so that one that is down, or refuses the user or the database, is
+named with what to check. Errors met later (a read-only file, a full disk, a damaged page, a lock
+held too long) reach the user as a ``StoreError`` with the short cause, never with the SQL
+statement that met them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from urllib.parse import unquote
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DatabaseError, DBAPIError, OperationalError
 
 from normbench.errors import NormbenchError
 
@@ -28,7 +30,8 @@ HEADER_BYTES = 100
 class StoreError(NormbenchError):
     """A results database that cannot be used as asked; ``kind`` says why, for callers that show
     some cases differently (the dashboard shows a missing or empty database as a first-run page):
-    missing, empty, not_database, damaged, outdated, newer, readonly, full, locked, unusable."""
+    missing, empty, not_database, damaged, outdated, newer, readonly, full, locked, unreachable,
+    unusable."""
 
     def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)
@@ -158,6 +161,26 @@ def check_integrity(engine: Engine, where: str) -> None:
         )
 
 
+def check_server(engine: Engine, url: URL) -> None:
+    """Connect once to a database server; one that cannot be reached, or that refuses the user,
+    the password or the database, is refused with its host, port and database and what to
+    check. Nothing is created on it."""
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as err:
+        cause = (str(err.orig).strip().splitlines() or [type(err.orig).__name__])[0]
+        port = url.port or {"postgresql": 5432}.get(url.get_backend_name())
+        host = f"{url.host or 'localhost'}{f':{port}' if port else ''}"
+        raise StoreError(
+            f"Cannot connect to the results database {url.database!r} on {host} as user "
+            f"{url.username!r} ({cause}). Check that the database server is running and "
+            "accepts connections there, that the database exists (PostgreSQL: createdb), and "
+            "that the user name and password in the URL are right. Nothing was created.",
+            "unreachable",
+        ) from None
+
+
 def check_writable(engine: Engine, where: str) -> None:
     """Refuse, before anything is run, a database this process cannot write: a table is created
     inside a transaction that is then rolled back, so nothing is left behind either way."""
@@ -177,9 +200,12 @@ def check_writable(engine: Engine, where: str) -> None:
         finally:
             raw.close()
         return
-    with engine.connect() as conn, conn.begin() as transaction:
-        conn.exec_driver_sql("CREATE TABLE _normbench_write_probe (x INTEGER)")
-        transaction.rollback()
+    try:
+        with engine.connect() as conn, conn.begin() as transaction:
+            conn.exec_driver_sql("CREATE TABLE _normbench_write_probe (x INTEGER)")
+            transaction.rollback()
+    except DBAPIError as err:  # a user without the right to create tables, a read-only server
+        raise describe(err.orig, where) from None
 
 
 def read_only(where: str, cause: str) -> StoreError:
@@ -197,7 +223,7 @@ def describe(error: BaseException, where: str) -> StoreError:
     short cause (its first line) and without the statement that met it."""
     cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
     low = cause.lower()
-    if "readonly" in low or "read-only" in low:
+    if "readonly" in low or "read-only" in low or "permission denied" in low:
         return read_only(where, cause)
     if "disk is full" in low or "no space" in low:
         return StoreError(

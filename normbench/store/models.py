@@ -4,6 +4,15 @@
 - ``metrics``: one row per (run, metric, split, corruption, severity), raw floats; corruption is ""
   and severity 0 for clean metrics, so corruption suites need no schema change.
 - ``curve_points``: per-epoch training curves.
+- ``submissions``, ``norm_speed``: submitted norms' source, and measured norm speeds.
+
+A ``running`` run is claimed: ``owner`` names the process that runs it and ``heartbeat`` is when
+that process last showed it was alive, in epoch seconds of the database's clock (one clock for
+every machine that shares the database). A claim whose heartbeat is older than the lease can be
+taken over (see ``Store.claim_run``).
+
+String lengths are limits on PostgreSQL (SQLite does not enforce them); the store refuses a value
+that is too long with a clear message instead of a database error.
 """
 
 from __future__ import annotations
@@ -43,8 +52,9 @@ class Run(Base):
     task: Mapped[str] = mapped_column(String(32))
     dataset: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(128))
-    norm: Mapped[str] = mapped_column(String(128))
-    optimizer: Mapped[str] = mapped_column(String(128))
+    # A registered submission name (up to 160 characters) with options.
+    norm: Mapped[str] = mapped_column(String(256))
+    optimizer: Mapped[str] = mapped_column(String(256))
     seed: Mapped[int]
     status: Mapped[RunStatus] = mapped_column(
         Enum(RunStatus, name="run_status", native_enum=False, length=16)
@@ -58,6 +68,8 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None]
+    owner: Mapped[str | None] = mapped_column(String(128))
+    heartbeat: Mapped[float | None] = mapped_column(Float)
 
     metrics: Mapped[list[Metric]] = relationship(
         back_populates="run", cascade="all, delete-orphan", passive_deletes=True
@@ -130,7 +142,7 @@ class NormSpeed(Base):
     __tablename__ = "norm_speed"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    norm: Mapped[str] = mapped_column(String(160))
+    norm: Mapped[str] = mapped_column(String(256))
     model: Mapped[str] = mapped_column(String(128))
     batch_size: Mapped[int]
     device: Mapped[str] = mapped_column(String(256))
