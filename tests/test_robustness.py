@@ -1,12 +1,13 @@
 """mCE and relative mCE against a suite's reference pair, from metric rows in a real results
-database (``normbench.robustness.update_mce``, as the suite runner calls it after every run)."""
+database (``Store.update_mce``, as the suite runner calls it after every run), on SQLite and
+PostgreSQL."""
 
 import pytest
 from sqlalchemy import select
 
 from normbench.corruptions import BENCHMARK, FAMILIES, SEVERITIES
 from normbench.metrics import MetricRow
-from normbench.robustness import MCE, RELATIVE_MCE, update_mce
+from normbench.robustness import MCE, RELATIVE_MCE
 from normbench.store import Metric, Run, RunStatus, open_store
 
 REFERENCE = ("batchnorm", "sgd")
@@ -34,9 +35,9 @@ def record(store, norm: str, error_factor, *, optimizer: str = "sgd", clean=CLEA
 
 
 def test_mce_is_above_100_for_a_pair_worse_than_the_reference_and_below_for_a_better_one(
-    tmp_path,
+    db_url,
 ):
-    store = open_store(f"sqlite:///{tmp_path / 'results.db'}")
+    store = open_store(db_url)
     noise = set(FAMILIES["noise"])
     # Recorded before the reference, so a reference picked by position would be the wrong run.
     record(store, "layernorm", lambda c: 1.5)
@@ -44,7 +45,7 @@ def test_mce_is_above_100_for_a_pair_worse_than_the_reference_and_below_for_a_be
     record(store, "batchnorm", lambda c: 3.0, optimizer="adamw")  # the norm, not the pair
     record(store, "instancenorm", lambda c: 2.0 if c in noise else 1.0)
     record(store, "batchnorm", lambda c: 1.0)  # the reference pair
-    assert update_mce(store.engine, "s", "smoke", REFERENCE, protocol_version=1) == 5
+    assert store.update_mce("s", "smoke", REFERENCE, protocol_version=1) == 5
 
     with store.session() as s:
         rows = s.execute(
@@ -61,3 +62,65 @@ def test_mce_is_above_100_for_a_pair_worse_than_the_reference_and_below_for_a_be
     assert mce["instancenorm", "sgd"] == pytest.approx(100 * (3 * 2 + 12) / 15)
     # relative mCE: the same clean error and more corruption error is worse than the reference
     assert values["layernorm", "sgd", RELATIVE_MCE] > 100 > values["groupnorm", "sgd", RELATIVE_MCE]
+    store.engine.dispose()
+
+
+def mce_rows(store) -> list[tuple]:
+    with store.session() as s:
+        return s.execute(
+            select(Metric.id, Run.norm, Metric.name, Metric.value)
+            .join(Run)
+            .where(Metric.name.in_((MCE, RELATIVE_MCE)))
+            .order_by(Metric.id)
+        ).all()
+
+
+def test_mce_rows_are_updated_in_place_and_dropped_for_runs_that_no_longer_get_one(db_url):
+    """Repeating the update changes nothing (not even the rows' ids: they are upserted, never
+    deleted and inserted again); a run without every corruption result gets none; normalised by
+    AlexNet, the relative mCE rows go and the mCE rows are updated in place; without a finished
+    reference no run keeps any."""
+    store = open_store(db_url)
+    record(store, "batchnorm", lambda c: 1.0)
+    record(store, "layernorm", lambda c: 1.5)
+    record(store, "groupnorm", lambda c: 0.5)
+    assert store.update_mce("s", "smoke", REFERENCE, protocol_version=1) == 3
+    first = mce_rows(store)
+    assert len(first) == 6
+    assert store.update_mce("s", "smoke", REFERENCE, protocol_version=1) == 3
+    assert mce_rows(store) == first
+
+    # groupnorm is run again and loses a corruption result.
+    spec = {"suite": "s", "budget": "smoke", "protocol_version": 1, "task": "classify",
+            "dataset": "cifar10", "norm": "groupnorm", "optimizer": "sgd", "seed": 0,
+            "settings": {"model": "fastnet"}}  # fmt: skip
+    store.begin_run(spec, "groupnorm+sgd", device="cpu", provenance={}, config=spec, reset=False)
+    rows = [MetricRow("accuracy", 0.9, "test")] + [
+        MetricRow("accuracy", 0.5, "test", c, s) for c in BENCHMARK[1:] for s in SEVERITIES
+    ]
+    store.finish_run("groupnorm+sgd", status=RunStatus.finished, metrics=rows, curves=[],
+                     epochs_done=1)  # fmt: skip
+    assert store.update_mce("s", "smoke", REFERENCE, protocol_version=1) == 2
+    assert mce_rows(store) == [row for row in first if row.norm != "groupnorm"]
+
+    kept = [row for row in first if row.norm != "groupnorm"]
+    assert store.update_mce("s", "smoke", REFERENCE, alexnet=True, protocol_version=1) == 2
+    alexnet = mce_rows(store)
+    assert [(r.id, r.name) for r in alexnet] == [(r.id, r.name) for r in kept if r.name == MCE]
+    assert [r.value for r in alexnet] != [r.value for r in kept if r.name == MCE]
+
+    assert store.mark("batchnorm+sgd", RunStatus.failed, "gone")
+    assert store.update_mce("s", "smoke", REFERENCE, protocol_version=1) == 0
+    assert mce_rows(store) == []
+    store.engine.dispose()
+
+
+def test_the_engine_level_update_mce_is_the_stores(tmp_path):
+    from normbench.robustness import update_mce
+
+    store = open_store(f"sqlite:///{tmp_path / 'results.db'}")
+    record(store, "batchnorm", lambda c: 1.0)
+    assert update_mce(store.engine, "s", "smoke", REFERENCE, protocol_version=1) == 1
+    assert [(r.norm, r.name, r.value) for r in mce_rows(store)] == [
+        ("batchnorm", MCE, pytest.approx(100)), ("batchnorm", RELATIVE_MCE, pytest.approx(100)),
+    ]  # fmt: skip
