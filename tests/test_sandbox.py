@@ -173,6 +173,10 @@ def test_the_worker_cannot_reach_its_parent_or_lift_its_limits(tmp_path) -> None
         assert refused(got[name]), (name, got[name])
     assert got["own_status"]["value"] == "Name:"
     assert got["cpuinfo"]["value"] is True
+    # Root keeps no capability: it could raise its own hard limits again (CAP_SYS_RESOURCE).
+    assert got["capabilities"]["value"] == dict.fromkeys(
+        ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"), 0
+    )
     for name in ("prlimit_parent", "renice_parent", "clear_death_signal", "raise_cpu_limit"):
         assert refused(got[name]), (name, got[name])
 
@@ -380,3 +384,13 @@ def test_a_worker_that_never_writes_does_not_hang_the_parent(tmp_path) -> None:
     assert worker.wait().cause == "was killed by normbench"
     with pytest.raises(EOFError):
         worker.next_event(PATIENCE)
+
+
+def test_a_worker_without_landlock_or_seccomp_is_reported(tmp_path, caplog) -> None:
+    worker = start(tmp_path, {"action": "report_unconfined", "confine": False})
+    with caplog.at_level("WARNING", logger="normbench.sandbox"):
+        assert events(worker) == [{"event": "result"}]
+    assert worker.sandbox == {"landlock_abi": 0, "seccomp": False, "limits": {}}
+    assert worker.wait(PATIENCE).returncode == 0
+    (record,) = caplog.records
+    assert "without Landlock (file and network access) or seccomp" in record.getMessage()
