@@ -155,12 +155,17 @@ def launch(
     child_env = {k: os.environ[k] for k in ENV_ALLOWLIST if k in os.environ}
     child_env.update(HOME=str(scratch), TMPDIR=str(scratch), PYTHONDONTWRITEBYTECODE="1")
     child_env.update(env or {})
+    # A fresh file, never through a link an earlier worker may have left in a reused scratch
+    # directory (truncating its target here would be the orchestrator's doing). The parent reads
+    # it through this descriptor only, for the same reason.
+    log_path = scratch / LOG_NAME
+    with contextlib.suppress(FileNotFoundError):
+        log_path.unlink()
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    log_file = os.fdopen(os.open(log_path, flags, 0o600), "w+b")
     read_end, write_end = os.pipe()
     child_env[EVENT_FD_VAR] = str(write_end)
     child_env[PARENT_PID_VAR] = str(os.getpid())
-    # The parent reads the log through its own descriptor: the worker may replace the file in
-    # its scratch directory with a link to something it wants shown.
-    log_file = open(scratch / LOG_NAME, "w+b")  # noqa: SIM115 - owned by the Worker
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", module],

@@ -394,3 +394,14 @@ def test_a_worker_without_landlock_or_seccomp_is_reported(tmp_path, caplog) -> N
     assert worker.wait(PATIENCE).returncode == 0
     (record,) = caplog.records
     assert "without Landlock (file and network access) or seccomp" in record.getMessage()
+
+
+def test_a_link_left_in_a_reused_scratch_directory_is_not_followed(tmp_path) -> None:
+    db = tmp_path / "results.db"
+    db.write_text("the results")
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / sandbox.LOG_NAME).symlink_to(db)
+    end = start(tmp_path, {"action": "noisy"}).wait(PATIENCE)
+    assert end.log_tail.splitlines()[-1] == "line 99?[2J"
+    assert db.read_text() == "the results"
+    assert not (tmp_path / "scratch" / sandbox.LOG_NAME).is_symlink()
