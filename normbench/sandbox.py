@@ -341,6 +341,7 @@ class Worker:
         returncode = os.waitstatus_to_exitcode(status)
         self._process.returncode = returncode  # reaped here; keeps Popen from trying again
         tail = _log_tail(self._log)
+        self._log.close()
         cause = self._cause(returncode, usage.ru_utime + usage.ru_stime, tail)
         self._exit = Exit(returncode, cause, tail)
         return self._exit
@@ -393,8 +394,9 @@ class Worker:
         if returncode > 0:
             last = tail.rstrip().rsplit("\n", 1)[-1]
             if returncode == 1 and last.startswith("MemoryError"):
-                limit = "" if limits.memory_mb is None else f" of {limits.memory_mb} MB"
-                return f"ran out of memory (a MemoryError at its limit{limit})"
+                if limits.memory_mb is None or self._policy.cuda:
+                    return "ran out of memory (a MemoryError)"
+                return f"ran out of memory (a MemoryError at its limit of {limits.memory_mb} MB)"
             if returncode == ORPHANED_STATUS:
                 return f"exited with status {returncode} (its orchestrator was gone)"
             return f"exited with status {returncode}"
