@@ -316,6 +316,7 @@ def test_killing_the_orchestrator_kills_its_worker(tmp_path) -> None:
         time.sleep(600)
     """)
     parent = subprocess.Popen([sys.executable, "-c", orchestrator], stdout=subprocess.PIPE)
+    pid = None
     try:
         line = parent.stdout.readline()
         assert line, "the orchestrator did not start its worker"
@@ -330,6 +331,8 @@ def test_killing_the_orchestrator_kills_its_worker(tmp_path) -> None:
     finally:
         parent.kill()
         parent.wait()
+        if pid is not None and alive(pid):  # the test failed: leave nothing running
+            os.kill(pid, signal.SIGKILL)
 
 
 # --- the event channel --------------------------------------------------------------------------
