@@ -619,10 +619,10 @@ class Store:
     ) -> bool:
         """Set a run's status and error; with ``owner``, only while that owner holds the run.
         Returns whether the row was changed."""
-        where = Run.run_key == key if owner is None else self._held(key, owner)
+        which = Run.run_key == key if owner is None else self._held(key, owner)
         with self._writer.begin() as conn:
             done = conn.execute(
-                update(Run).where(where).values(status=status, error=error, heartbeat=db_now())
+                update(Run).where(which).values(status=status, error=error, heartbeat=db_now())
             )
             return done.rowcount == 1
 
