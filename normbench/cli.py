@@ -16,10 +16,11 @@ import importlib
 import json
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Annotated, Any, NewType, TypeVar
+from typing import Annotated, Any, NamedTuple, NewType, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from normbench import config
@@ -32,7 +33,12 @@ ENVIRONMENT = (
     "overrides it; default: normbench.db in the per-user data directory).\n\n"
     "NORMBENCH_DATA_DIR: a directory of local dataset mirrors (--data-dir overrides it).\n\n"
     "NORMBENCH_CACHE_DIR: decoded datasets, checkpoints and downloads (default: the per-user "
-    "cache directory)."
+    "cache directory).\n\n"
+    "NORMBENCH_LEASE_SECONDS: how long a run claimed by a `normbench run` process that stopped "
+    "sending heartbeats stays its own before another process takes it over (default 120).\n\n"
+    "NORMBENCH_WORKER_MEMORY_MB, NORMBENCH_WORKER_CPU_SECONDS: a CPU worker's address-space "
+    "limit (default: the machine's memory) and a worker's CPU-time limit (default: none for "
+    "normbench's own norms; ten times the estimate, at least an hour, for submitted code)."
 )
 
 app = typer.Typer(
@@ -65,7 +71,9 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except NormbenchError as e:
-            err.print(f"[bold red]Error:[/bold red] {e}", highlight=False, soft_wrap=True)
+            # The message may quote text a submitted norm chose: never read it as markup.
+            err.print(f"[bold red]Error:[/bold red] {escape(str(e))}", highlight=False,
+                      soft_wrap=True)  # fmt: skip
             raise typer.Exit(e.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -170,6 +178,47 @@ Timeout = Annotated[
 ]
 
 
+class ExecutorName(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+ExecutorOption = Annotated[
+    ExecutorName,
+    typer.Option(
+        envvar="NORMBENCH_EXECUTOR",
+        show_envvar=True,
+        help="Where runs execute: local (a confined worker process per run on this machine) or "
+        "ray (a Ray task per run on a Ray cluster).",
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        envvar="NORMBENCH_RAY_ADDRESS",
+        show_envvar=True,
+        help="HOST:PORT of a running Ray cluster's head (with --executor ray; default: start a "
+        "local cluster on this machine).",
+    ),
+]
+Workers = Annotated[
+    int,
+    typer.Option(
+        min=1, max=64, envvar="NORMBENCH_WORKERS", show_envvar=True,
+        help="Local worker processes at once (with --executor local).",
+    ),
+]  # fmt: skip
+CheckpointDir = Annotated[
+    str | None,
+    typer.Option(
+        envvar="NORMBENCH_CHECKPOINT_DIR",
+        show_envvar=True,
+        help="Where runs keep their epoch checkpoints (default: checkpoints in the cache "
+        "directory); shared storage lets another machine resume a run.",
+    ),
+]
+
+
 def _plugin_norms() -> None:
     """Register the norms that installed packages declare (``normbench.norms`` entry points).
     Called by the commands that look norms up, so the others never import them (nor torch)."""
@@ -201,12 +250,29 @@ def run(
     data_dir: DataDir = None,
     db: Db = None,
     force: Annotated[bool, typer.Option(help="Re-run runs that already finished.")] = False,
+    executor: ExecutorOption = ExecutorName.local,
+    ray_address: RayAddress = None,
+    workers: Workers = 1,
+    checkpoint_dir: CheckpointDir = None,
 ) -> None:
     """Train and evaluate every norm x optimizer x seed of a suite and store the results.
 
+    Each run executes in its own confined worker process (or a Ray task); several `normbench
+    run` processes on one database divide a suite between them.
+
     Exit status 1 when a run failed (its error is stored), 2 for bad input, 130 if interrupted.
     """
-    _run_suite(suite, budget, norms, optimizers, seeds, device, data_dir, db, force)
+    where = Where(executor, ray_address, workers, checkpoint_dir)
+    _run_suite(suite, budget, norms, optimizers, seeds, device, data_dir, db, force, where)
+
+
+class Where(NamedTuple):
+    """Where the runs execute: the executor and its settings."""
+
+    executor: ExecutorName = ExecutorName.local
+    ray_address: str | None = None
+    workers: int = 1
+    checkpoint_dir: str | None = None
 
 
 def _run_suite(
@@ -219,14 +285,18 @@ def _run_suite(
     data_dir: str | None,
     db: str | None,
     force: bool,
+    where: Where,
 ) -> None:
+    import os
+
     from normbench.norms import NORMS
     from normbench.optim import OPTIMIZERS
     from normbench.runtime import resolve_device
     from normbench.store import open_store
     from normbench.submissions import NAMESPACE, register_recorded
     from normbench.suites import default_budget_reason, load_suite, plan
-    from runners.local import run_specs
+    from runners.executor import create_executor
+    from runners.suite import run_suite
 
     _plugin_norms()
     s = load_suite(suite)
@@ -236,33 +306,50 @@ def _run_suite(
     s.budget(budget_name)
     _lookup("--optimizers", OPTIMIZERS, opt_list or [])
     _lookup("--norms", NORMS, [n for n in norm_list or [] if not n.startswith(NAMESPACE)])
+    if where.checkpoint_dir:
+        os.environ["NORMBENCH_CHECKPOINT_DIR"] = where.checkpoint_dir
     store = open_store(config.db_url(db))
-    register_recorded(store, norm_list)  # submitted norms can be named like any other
+    # Submitted norms are named like any other; their code runs only in the workers.
+    submissions = register_recorded(store, norm_list)
     _lookup("--norms", NORMS, norm_list or [])
+    ratios = {r["name"]: r["time_ratio"] for r in _contract_ratios(store, submissions)}
     specs = plan(s, budget_name, norms=norm_list, optimizers=opt_list, seeds=seed_list)
+    runner = create_executor(
+        where.executor.value, workers=where.workers, ray_address=where.ray_address
+    )
     err.print(
         f"Suite [bold]{s.name}[/bold], budget [bold]{budget_name}"
-        f"[/bold]{f' ({why})' if why else ''}, on {dev}; results in "
+        f"[/bold]{f' ({why})' if why else ''}, on {dev}, executor {runner.name}; results in "
         f"{store.location}"
     )
+    derive = None
+    if s.spec.corruption_set:
+        reference = (s.spec.reference.norm, s.spec.reference.optimizer)
+
+        def derive(store) -> int:
+            return store.update_mce(
+                s.name, budget_name, reference, alexnet=s.spec.corruption_set == "imagenet-c",
+                protocol_version=s.spec.protocol_version,
+            )  # fmt: skip
+
     try:
-        outcomes = run_specs(specs, store, device=dev, data_dir=data_dir, force=force, console=err)
+        result = run_suite(
+            specs, store, runner, device=dev, data_dir=data_dir, force=force, console=err,
+            submissions=[{**r, "time_ratio": ratios.get(r["name"])} for r in submissions],
+            derive=derive,
+        )  # fmt: skip
     except KeyboardInterrupt:
         err.print(
-            "[yellow]Interrupted.[/yellow] A run that had started is marked interrupted; run "
+            "[yellow]Interrupted.[/yellow] The runs that had started are marked interrupted; run "
             "the same command again to go on (a run resumes from its last finished epoch)."
         )
         raise typer.Exit(130) from None
-    if s.spec.corruption_set:
-        from normbench.robustness import update_mce
-
-        reference = (s.spec.reference.norm, s.spec.reference.optimizer)
-        alexnet = s.spec.corruption_set == "imagenet-c"
-        version = s.spec.protocol_version
-        if not update_mce(store.engine, s.name, budget_name, reference, alexnet=alexnet,
-                          protocol_version=version):  # fmt: skip
-            err.print(f"mCE not computed yet: the reference pair {' + '.join(reference)} has no "
-                      f"finished run at budget {budget_name}.")  # fmt: skip
+    finally:
+        runner.close()
+    outcomes = result.outcomes
+    if derive is not None and not result.mce_runs:
+        err.print(f"mCE not computed yet: the reference pair {' + '.join(reference)} has no "
+                  f"finished run at budget {budget_name}.")  # fmt: skip
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
@@ -274,6 +361,15 @@ def _run_suite(
     if counts.get("failed"):  # a crash, not a result: scripts and CI must notice
         err.print(f"[red]{counts['failed']} run(s) failed[/red]; exit status 1.")
         raise typer.Exit(1)
+
+
+def _contract_ratios(store, submissions: list[dict]) -> list[dict]:
+    """Each submission's forward + backward time ratio to BatchNorm from its contract report."""
+    found = []
+    for row in store.submissions([r["name"] for r in submissions]):
+        ratio = (row.contract or {}).get("time_ratio")
+        found.append({"name": row.name, "time_ratio": ratio if isinstance(ratio, float) else None})
+    return found
 
 
 @app.command()
@@ -296,13 +392,18 @@ def check(
     t.add_column("check")
     t.add_column("result")
     for c in report.checks:
-        t.add_row(c.name, "[green]pass[/green]" if c.passed else f"[red]FAIL[/red] {c.message}")
+        verdict = "[green]pass[/green]" if c.passed else f"[red]FAIL[/red] {escape(c.message)}"
+        t.add_row(escape(c.name), verdict)
     if report.checks:
         out.print(t)
+    if report.isolation:
+        err.print(f"[yellow]Note:[/yellow] {escape(report.isolation)}")
     if report.passed:
+        overhead = _num(report.param_overhead, "{:+.1%}", "not measured")
+        ratio = _num(report.time_ratio, "{:.2f}x", "not measured")
         out.print(
-            f"Contract holds. Parameters vs BatchNorm: {report.param_overhead:+.1%}; forward + "
-            f"backward time vs BatchNorm: {report.time_ratio:.2f}x."
+            f"Contract holds. Parameters vs BatchNorm: {overhead}; forward + backward time vs "
+            f"BatchNorm: {ratio}."
         )
         return
     raise NormbenchError(f"{target} breaks the norm contract:{report.failure_list()}")
@@ -323,8 +424,15 @@ def submit(
     data_dir: DataDir = None,
     db: Db = None,
     timeout: Timeout = 300,
+    executor: ExecutorOption = ExecutorName.local,
+    ray_address: RayAddress = None,
+    workers: Workers = 1,
+    checkpoint_dir: CheckpointDir = None,
 ) -> None:
-    """Check a norm layer, record it with its source and hash, and run a suite with it."""
+    """Check a norm layer, record it with its source and hash, and run a suite with it.
+
+    The norm's code runs only in confined worker processes: the contract check's verdict is
+    computed here from what the check process returns, never taken from it."""
     from normbench.optim import OPTIMIZERS
     from normbench.submissions import submit as record
     from normbench.suites import load_suite
@@ -332,13 +440,14 @@ def submit(
     _plugin_norms()  # a submission may not take the name of an installed norm
     load_suite(suite)  # a bad suite or optimizer is reported before the norm is checked
     _lookup("--optimizers", OPTIMIZERS, optimizers or [])
-    registered, new = record(db, target, name, timeout)
+    registered, new = record(config.db_url(db), target, name, timeout)
     if not new:
         err.print(f"{target} is already submitted as [bold]{registered}[/bold] (same source); "
                   "nothing to do.")  # fmt: skip
         return
     err.print(f"Contract holds; recorded as [bold]{registered}[/bold].")
-    _run_suite(suite, budget, [registered], optimizers, seeds, device, data_dir, db, False)
+    where = Where(executor, ray_address, workers, checkpoint_dir)
+    _run_suite(suite, budget, [registered], optimizers, seeds, device, data_dir, db, False, where)
 
 
 class ListKind(StrEnum):
@@ -393,8 +502,8 @@ def _missing(value: Any) -> bool:
     return value is None or bool(pd.isna(value))
 
 
-def _num(value: Any, fmt: str) -> str:
-    return "-" if _missing(value) else fmt.format(value)
+def _num(value: Any, fmt: str, missing: str = "-") -> str:
+    return missing if _missing(value) else fmt.format(value)
 
 
 def _pct(mean: Any, std: Any) -> str:
@@ -582,13 +691,11 @@ def bench_norms(
     Forward + backward, channels_last, the precision's autocast, interleaved with BatchNorm.
 
     Also whether each norm holds the norm contract."""
-    import torch
 
     from normbench import runtime
-    from normbench.contract import check_norm
     from normbench.norms import NORMS
-    from normbench.normspeed import MODEL, speed_table
-    from normbench.store import NormSpeed, open_store
+    from normbench.normspeed import MODEL
+    from normbench.store import open_store
     from normbench.submissions import NAMESPACE, register_recorded
 
     _plugin_norms()
@@ -596,47 +703,73 @@ def bench_norms(
     # Bad names are reported before the database is created or touched.
     _lookup("--norms", NORMS, [n for n in norms or [] if not n.startswith(NAMESPACE)])
     store = open_store(config.db_url(db))
-    register_recorded(store, norms)
+    submissions = register_recorded(store, norms)
     names = norms or [n for n in NORMS.names() if not n.startswith("test-")]
     # Unknown names fail here, with the closest matches; names with options become canonical.
     names = _lookup("--norms", NORMS, names)
-    dtype = runtime.autocast_dtype(precision.value, dev)
-    resolved = "bf16" if dtype is torch.bfloat16 else "fp32"
+    err.print(
+        f"{len(names)} norm(s) in {MODEL}, batch {batch_size}, {dev}, each side by side with "
+        f"BatchNorm in {pairs} interleaved pairs, in a confined worker process"
+    )
+    measured = _normspeed_in_worker(names, submissions, batch_size, pairs, precision.value, dev)
+    resolved = measured["precision"]
     setup = f"{MODEL}, batch {batch_size}, {resolved}, channels_last, {dev}"
-    err.print(f"{len(names)} norm(s) in {setup} ({torch.get_num_threads()} threads), each "
-              f"side by side with BatchNorm in {pairs} interleaved pairs")  # fmt: skip
-    rows = speed_table(names, batch_size, pairs, dev, dtype)
-    contract = {}
-    for r in rows:
-        report = check_norm(NORMS.get(r.norm).obj, r.norm, measure_costs=False)
-        contract[r.norm] = "holds" if report.passed else "; ".join(report.failures())
     memory_label = "peak MB" if dev.type == "cuda" else "saved MB"
     t = Table(
         title=f"norm speed: {setup}",
-        caption="vs BatchNorm: median ratio of images/s over interleaved pairs timed in this "
-        "process (IQR: interquartile range of the pairs); batchnorm's row is a second BatchNorm "
-        "model, the noise of the measurement.",
+        caption="vs BatchNorm: median ratio of images/s over interleaved pairs timed in one "
+        "worker process (IQR: interquartile range of the pairs); batchnorm's row is a second "
+        "BatchNorm model, the noise of the measurement.",
     )
     headers = ("norm", "images/s", "vs BatchNorm", "IQR", memory_label, "params", "contract",
                "note")  # fmt: skip
     for header in headers:
         t.add_column(header, no_wrap=header == "norm")
-    provenance = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+    provenance = {"torch": measured["torch"], "threads": measured["threads"],
                   "precision": resolved, "channels_last": True, "pairs": pairs}  # fmt: skip
-    with store.session() as s, s.begin():
-        for r in rows:
-            t.add_row(r.norm, _num(r.images_per_s, "{:,.0f}"), _num(r.ratio, "{:.2f}x"),
-                      _num(r.iqr, "{:.2f}"), _num(r.memory_mb, "{:.1f}"), f"{r.params:,}",
-                      contract[r.norm], r.error)  # fmt: skip
-            if r.error:
-                continue
-            s.add(NormSpeed(
-                norm=r.norm, model=MODEL, batch_size=batch_size, device=str(dev),
-                images_per_s=r.images_per_s, ratio_to_batchnorm=r.ratio,
-                peak_memory_mb=r.memory_mb, param_count=r.params,
-                provenance={**provenance, "ratio_iqr": r.iqr},
-            ))  # fmt: skip
+    rows = measured["rows"]
+    for r in rows:
+        t.add_row(r["norm"], _num(r["images_per_s"], "{:,.0f}"), _num(r["ratio"], "{:.2f}x"),
+                  _num(r["iqr"], "{:.2f}"), _num(r["memory_mb"], "{:.1f}"), f"{r['params']:,}",
+                  r["contract"], r["error"])  # fmt: skip
+    store.add_norm_speeds(
+        {
+            "norm": r["norm"], "model": MODEL, "batch_size": batch_size, "device": str(dev),
+            "images_per_s": r["images_per_s"], "ratio_to_batchnorm": r["ratio"],
+            "peak_memory_mb": r["memory_mb"], "param_count": r["params"],
+            "provenance": {**provenance, "ratio_iqr": r["iqr"]},
+        }
+        for r in rows
+        if not r["error"]
+    )  # fmt: skip
     out.print(t)
+
+
+def _normspeed_in_worker(names, submissions, batch_size, pairs, precision, dev) -> dict:
+    """Run the speed table in a confined worker (submitted norms never run in this process)."""
+    import tempfile
+
+    from normbench.errors import NormbenchError
+    from runners.executor import Job, memory_limit_mb, run_isolated
+
+    with tempfile.TemporaryDirectory(prefix="normbench-bench-") as folder:
+        job = Job(
+            id="bench-norms", kind="normspeed", data_dir=None, checkpoint_dir=folder,
+            spec={"names": names, "batch_size": batch_size, "pairs": pairs,
+                  "precision": precision},
+            submissions=submissions, device=str(dev), limits={"memory_mb": memory_limit_mb()},
+        )  # fmt: skip
+        with progress_display():
+            done = run_isolated(job.to_json())
+    if done["result"] is None:
+        raise NormbenchError(f"The speed measurement failed: {done['error']}")
+    return done["result"]
+
+
+def progress_display():
+    from normbench import progress
+
+    return progress.display(err)
 
 
 class DatasetName(StrEnum):

@@ -6,6 +6,8 @@ an environment variable, then a per-user default directory from ``platformdirs``
 - data directory: ``--data-dir`` / ``NORMBENCH_DATA_DIR`` (local dataset mirrors; optional)
 - cache directory: ``NORMBENCH_CACHE_DIR``, default the user cache dir (decoded tensors,
   checkpoints, official downloads)
+- checkpoints: ``--checkpoint-dir`` / ``NORMBENCH_CHECKPOINT_DIR``, default ``checkpoints`` in the
+  cache directory (put it on shared storage so a run resumes on another machine)
 - results database: ``--db`` / ``NORMBENCH_DB`` (any SQLAlchemy URL or a file path), default
   ``normbench.db`` in the user data dir.
 """
@@ -31,6 +33,13 @@ def data_dir(explicit: str | Path | None = None) -> Path | None:
 def cache_dir() -> Path:
     value = os.environ.get("NORMBENCH_CACHE_DIR")
     path = Path(value).expanduser() if value else Path(platformdirs.user_cache_dir(APP))
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def checkpoint_dir(explicit: str | Path | None = None) -> Path:
+    value = explicit or os.environ.get("NORMBENCH_CHECKPOINT_DIR")
+    path = Path(value).expanduser() if value else cache_dir() / "checkpoints"
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
 

@@ -302,14 +302,15 @@ class RunClock:
         self.steps_left = self.steps_total = epochs * steps_per_epoch
         self.evals_total = epochs
 
-    def step(self) -> None:
+    def step(self, count: int = 1) -> None:
+        """``count`` training steps done since the last call (progress may come in batches)."""
         now = self.clock()
         if self.last_step is not None:  # the first step after a pause holds the warm-up
             self.timed_seconds += now - self.last_step
-            self.timed_images += self.batch_size
-            self.intervals += 1
+            self.timed_images += self.batch_size * count
+            self.intervals += count
         self.last_step = now
-        self.steps_left = max(self.steps_left - 1, 0)
+        self.steps_left = max(self.steps_left - count, 0)
 
     def evaluating(self, done: int, total: int) -> None:
         self.last_step = None  # the gap is evaluation, not training

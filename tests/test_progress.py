@@ -22,7 +22,8 @@ from normbench.estimate import Breakdown, Rates, RunClock
 from normbench.metrics import MetricRow
 from normbench.store import RunStatus, open_store
 from normbench.suites import load_suite, plan
-from runners.local import run_specs
+from runners.executor import LocalExecutor
+from runners.suite import run_suite
 
 
 def smoke_spec(suite: str = "cifar-c", budget: str = "smoke", **kw):
@@ -274,7 +275,9 @@ def test_the_live_display_shows_run_k_of_n_epoch_rate_and_time_left(cifar_dir, t
     specs = plan(load_suite(str(suite)), "smoke", seeds=[0, 1])
     store = open_store(f"sqlite:///{tmp_path / 'live.db'}")
     console, buffer = terminal()
-    outcomes = run_specs(specs, store, device=torch.device("cpu"), console=console)
+    outcomes = run_suite(
+        specs, store, LocalExecutor(), device=torch.device("cpu"), console=console
+    ).outcomes
     assert [o.status for o in outcomes] == ["finished", "finished"]
     shown = plain(buffer)
     first = r"run 1/2 batchnorm \+ sgd \(seed 0\): epoch 1/1, evaluating 1/1 batches +━+ +"

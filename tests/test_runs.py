@@ -19,7 +19,7 @@ from normbench.corruptions.sets import ENGINE_VERSION
 from normbench.norms import NORMS, register_norm
 from normbench.store import CurvePoint, Metric, Run, RunStatus, open_store
 from normbench.suites import BUILTIN_DIR, load_suite, plan
-from runners.local import checkpoint_path
+from runners.suite import checkpoint_path
 
 SUITE_TEXT = (BUILTIN_DIR / "cifar10.toml").read_text()
 

@@ -197,7 +197,7 @@ def test_worked_example_goes_from_submit_to_a_leaderboard_row(cifar_dir, tmp_pat
     assert result.exit_code == 0
     from normbench.submissions import submit
 
-    name, new = submit(str(db), f"{changed}:ChannelLayerNorm", None, timeout=120)
+    name, new = submit(f"sqlite:///{db}", f"{changed}:ChannelLayerNorm", None, timeout=120)
     assert (name, new) == ("submission/channellayernorm/v2", True)
 
     # a later process knows the submission only from the database: it registers it from there

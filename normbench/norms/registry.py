@@ -108,6 +108,11 @@ class NormRegistry(Registry[NormFactory]):
         entry = super().get(base)
         if base == name:
             return entry
+        if getattr(entry.obj, "deferred", False):
+            # A submission stands in by name only here (its code runs only in workers), so its
+            # options are checked when the worker builds it.
+            canonical = f"{base}({','.join(f'{k}={v!r}' for k, v in sorted(options.items()))})"
+            return Entry(entry.obj, dataclasses.replace(entry.info, name=canonical))
         known = norm_options(entry.obj)
         unknown = sorted(set(options) - set(known))
         if set(unknown) & set(BLOCK_ARGUMENTS):
