@@ -761,6 +761,11 @@ DENIED_SYSCALLS = (
     "setdomainname", "fanotify_init", "io_uring_setup", "io_uring_enter", "io_uring_register",
     "fsopen", "fsmount", "fsconfig", "move_mount", "open_tree", "mount_setattr", "connect",
     "migrate_pages", "move_pages", "kcmp", "get_robust_list",
+    # File metadata: Landlock guards a file's bytes, not its mode, owner, times or extended
+    # attributes, so a worker could otherwise chmod 000 the results database it cannot write.
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat",
+    "utime", "utimes", "futimesat", "utimensat", "setxattr", "lsetxattr", "fsetxattr",
+    "removexattr", "lremovexattr", "fremovexattr", "setxattrat", "removexattrat",
 )  # fmt: skip
 #: Calls that are harmless on the worker itself (pid 0) but, as the orchestrator's uid, would let
 #: it re-limit or slow down other processes: (name, index of the pid argument).
