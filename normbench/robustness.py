@@ -22,8 +22,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
-
 from normbench import metrics as M
 from normbench.corruptions import BENCHMARK, EXTRA, FAMILIES, SEVERITIES
 from normbench.corruptions.imagenet_c import ALEXNET_ERRORS
@@ -135,20 +133,3 @@ def mce_table(
         mce, rel = corruption_errors(ours, ours["", 0], ref_errors, ref_clean)
         values[run_id] = {MCE: mce} if ref_clean is None else {MCE: mce, RELATIVE_MCE: rel}
     return MceTable(values, label, len(complete))
-
-
-def update_mce(
-    engine: Engine,
-    suite: str,
-    budget: str,
-    reference: tuple[str, str],
-    alexnet: bool = False,
-    *,
-    protocol_version: int,
-) -> int:
-    """``Store.update_mce`` on ``engine`` (kept for callers that hold an engine)."""
-    from normbench.store import Store
-
-    return Store(engine).update_mce(
-        suite, budget, reference, alexnet, protocol_version=protocol_version
-    )

@@ -113,14 +113,3 @@ def test_mce_rows_are_updated_in_place_and_dropped_for_runs_that_no_longer_get_o
     assert store.update_mce("s", "smoke", REFERENCE, protocol_version=1) == 0
     assert mce_rows(store) == []
     store.engine.dispose()
-
-
-def test_the_engine_level_update_mce_is_the_stores(tmp_path):
-    from normbench.robustness import update_mce
-
-    store = open_store(f"sqlite:///{tmp_path / 'results.db'}")
-    record(store, "batchnorm", lambda c: 1.0)
-    assert update_mce(store.engine, "s", "smoke", REFERENCE, protocol_version=1) == 1
-    assert [(r.norm, r.name, r.value) for r in mce_rows(store)] == [
-        ("batchnorm", MCE, pytest.approx(100)), ("batchnorm", RELATIVE_MCE, pytest.approx(100)),
-    ]  # fmt: skip
