@@ -45,6 +45,9 @@ class Job:
     limits: dict[str, int | None] = field(default_factory=dict)  # memory_mb, cpu_seconds
     resources: dict[str, float] = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
     read_paths: list[str] = field(default_factory=list)  # besides the data dir and dataset cache
+    # Modules outside normbench that registered the run's norm at import (a script's or a
+    # plugin's own module): {"module", "file", "norms"}; the worker imports them from the file.
+    norm_modules: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +124,7 @@ def policy_for(job: Job):
     from normbench.sandbox import Limits, Policy
 
     reads = [str(config.cache_dir() / "datasets"), *job.read_paths]
+    reads += [str(Path(m["file"]).parent) for m in job.norm_modules if m.get("file")]
     if job.data_dir:
         reads.append(str(Path(job.data_dir).expanduser().resolve()))
     cuda = job.device.startswith("cuda")

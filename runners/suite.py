@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -49,11 +50,11 @@ from normbench.data import ArrayDataset, load_dataset
 from normbench.errors import NormbenchError
 from normbench.estimate import Estimate, Rates, RunClock
 from normbench.metrics import MetricRow
-from normbench.norms import parse_norm_name
+from normbench.norms import NORMS, norm_class, parse_norm_name
 from normbench.progress import format_duration
 from normbench.runtime import provenance
 from normbench.store import ClaimLost, RunStatus, Skip, Store
-from normbench.submissions import NAMESPACE
+from normbench.submissions import NAMESPACE, SubmittedNorm
 from normbench.suites import RunSpec
 from runners import classify
 from runners.executor import Done, Event, Executor, Job, memory_limit_mb
@@ -497,6 +498,7 @@ class Orchestrator:
                 "cpu_seconds": cpu_limit(seconds) if needed else env_cpu_limit(),
             },
             resources=resources(self.device),
+            norm_modules=norm_modules(spec.norm),
         )
 
     # --- following and recording --------------------------------------------------------------
@@ -634,6 +636,20 @@ class Orchestrator:
         for active in self.active.values():
             active.display.close()
         self.active.clear()
+
+
+def norm_modules(name: str) -> list[dict]:
+    """The module that registered ``name``, when it is not normbench's own, a submission or an
+    installed entry point's (workers load those themselves): a script or a test registered it
+    at run time, and the worker must import it to know the name."""
+    cls = norm_class(NORMS.get(name).obj)
+    module = sys.modules.get(getattr(cls, "__module__", "") or "")
+    if module is None or module.__name__.split(".")[0] in ("normbench", "builtins"):
+        return []
+    if isinstance(cls, type) and issubclass(cls, SubmittedNorm):
+        return []
+    file = getattr(module, "__file__", None)
+    return [{"module": module.__name__, "file": file, "norms": [parse_norm_name(name)[0]]}]
 
 
 def _failure(done: Done) -> str:

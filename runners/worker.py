@@ -44,6 +44,7 @@ def run_job(job: dict[str, Any], emit) -> dict[str, Any]:
     from normbench.submissions import load_entry_point_norms, register_source
 
     load_entry_point_norms()
+    _import_norm_modules(job.get("norm_modules", []))
     for submission in job.get("submissions", []):
         register_source(**submission, folder=Path.cwd())
     if job["kind"] == "classify":
@@ -51,6 +52,27 @@ def run_job(job: dict[str, Any], emit) -> dict[str, Any]:
     if job["kind"] == "normspeed":
         return _normspeed(job)
     raise ValueError(f"unknown job kind {job['kind']!r}")
+
+
+def _import_norm_modules(modules: list[dict[str, Any]]) -> None:
+    """Import the modules that registered the job's norms outside normbench (already run by the
+    orchestrator, so trusted): by name where this process finds it, else from its file."""
+    import importlib
+    import importlib.util
+
+    from normbench.norms import NORMS
+
+    for entry in modules:
+        if all(name in NORMS for name in entry.get("norms", [])):
+            continue
+        name, file = entry["module"], entry.get("file")
+        if importlib.util.find_spec(name.split(".")[0]) is not None or not file:
+            importlib.import_module(name)
+            continue
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
 
 
 def _classify(job: dict[str, Any], emit) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from helpers import TINY_SUITE, invoke, smoke_run
 from sqlalchemy import select
 
 from normbench import runtime
-from normbench.norms import NORMS, register_norm
 from normbench.store import Run, RunStatus, open_store
 from normbench.suites import BUILTIN_DIR, default_budget, default_budget_reason, load_suite_file
 
@@ -278,15 +277,7 @@ BROKEN = "test-raises-in-forward"
 
 @pytest.fixture
 def broken_norm():
-    if BROKEN not in NORMS:
-
-        @register_norm(BROKEN, description="raises in forward (test only)")
-        class RaisesInForward(torch.nn.Identity):
-            def __init__(self, num_channels: int) -> None:
-                super().__init__()
-
-            def forward(self, x):
-                raise RuntimeError("this norm fails on purpose")
+    import fixtures.failing_norms  # noqa: F401 - registers it (the workers import it too)
 
     return BROKEN
 

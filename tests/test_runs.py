@@ -16,7 +16,6 @@ from sqlalchemy import select
 
 from normbench import metrics as M
 from normbench.corruptions.sets import ENGINE_VERSION
-from normbench.norms import NORMS, register_norm
 from normbench.store import CurvePoint, Metric, Run, RunStatus, open_store
 from normbench.suites import BUILTIN_DIR, load_suite, plan
 from runners.suite import checkpoint_path
@@ -127,15 +126,7 @@ def test_diverged_and_failed_runs_are_recorded_and_the_suite_goes_on(cifar_dir, 
     suite = tmp_path / "hot.toml"
     suite.write_text(SUITE_TEXT.replace("lr = 0.2, momentum", "lr = 1.0e12, momentum", 1))
 
-    if "test-broken" not in NORMS:
-
-        @register_norm("test-broken", description="raises in forward (test only)")
-        class Broken(torch.nn.Identity):
-            def __init__(self, num_channels: int) -> None:
-                super().__init__()
-
-            def forward(self, x):
-                raise RuntimeError("this norm is broken on purpose")
+    import fixtures.failing_norms  # noqa: F401 - registers test-broken (the workers import it too)
 
     result = smoke_run(
         f"--db={db}", suite=str(suite), norms="test-broken,batchnorm", optimizers="sgd,adamw"
