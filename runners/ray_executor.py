@@ -1,8 +1,8 @@
 """The ``ray`` executor: one Ray task per run, on a local Ray cluster or a running remote one.
 
 Each run becomes one task of :func:`run_on_node`, scheduled by the CPUs and GPUs its job asks
-for. On its node the task prepares the data the run needs (:func:`runners.executor.prepare_data`,
-trusted code) and starts the same confined worker as the local executor
+for. On its node the task prepares the data the run needs (:func:`prepare_data`, trusted code)
+and starts the same confined worker as the local executor
 (:func:`runners.executor.run_isolated`); submitted code only ever runs inside that worker, so the
 result dict Ray pickles back to the orchestrator comes from trusted code. A worker killed by a
 signal (the CPU-time limit, the OOM killer, a segfault) raises :class:`WorkerCrashed`, which Ray
@@ -76,7 +76,7 @@ def run_on_node(job: dict[str, Any]) -> dict[str, Any]:
     """The body of a run's Ray task, on the node Ray placed it on: the run's outcome as
     :func:`runners.executor.run_isolated` returns it. A user error (data missing on this node)
     is returned as the run's error rather than raised, so it is not retried."""
-    from runners.executor import prepare_data, run_isolated
+    from runners.executor import run_isolated
 
     try:
         prepare_data(job)
@@ -93,6 +93,19 @@ def run_on_node(job: dict[str, Any]) -> dict[str, Any]:
             outcome.get("log_tail") or "",
         )
     return outcome
+
+
+def prepare_data(job: dict[str, Any]) -> None:
+    """Decode the dataset and generate the corruption set the job's run needs into this node's
+    cache, unless they are there already: the check the orchestrator makes before its first run
+    (:func:`runners.suite.check_data`), made on the node, since the confined worker may only read
+    the cache. A missing or damaged data file raises its NormbenchError."""
+    if job["kind"] != "classify":
+        return  # a speed measurement needs no data
+    from normbench.suites import RunSpec
+    from runners.suite import check_data
+
+    check_data([RunSpec(**job["spec"])], job["data_dir"])
 
 
 def _attempt() -> int | None:
@@ -188,8 +201,8 @@ class RayExecutor:
         return max(total, 1)
 
     def start(self, job: Job) -> None:
-        self.asks = dict(job.resources)
         asks = self.fit(job.resources)
+        self.asks = dict(job.resources)
         ref = self.task.options(**asks).remote(job.to_json())
         self.running[ref] = job.id
 

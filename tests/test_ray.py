@@ -215,6 +215,17 @@ def test_two_runs_on_a_local_cluster_come_back_with_their_results(cluster, suite
         assert any(name == "accuracy" for name, *_ in item.result["metrics"])
 
 
+def test_a_run_asks_no_more_than_the_largest_node_has(cluster):
+    # a CPU run asks for every core of the orchestrator's machine, which may be larger
+    assert cluster.fit({"num_cpus": 4096, "num_gpus": 0}) == {
+        "num_cpus": os.cpu_count(),
+        "num_gpus": 0,
+    }
+    if not any(node["num_gpus"] for node in cluster.nodes()):
+        with pytest.raises(NormbenchError, match="no node of the Ray cluster"):
+            cluster.fit({"num_cpus": 1, "num_gpus": 1})
+
+
 def test_a_run_whose_worker_is_killed_is_retried_then_reported_failed(cluster, suite, tmp_path):
     # One CPU second: the worker dies of its CPU-time limit (SIGXCPU, SIGKILL if it lingers)
     # while still starting up, on every attempt.
