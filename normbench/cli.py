@@ -292,11 +292,9 @@ def _run_suite(
     from normbench.norms import NORMS
     from normbench.optim import OPTIMIZERS
     from normbench.runtime import resolve_device
-    from normbench.store import open_store
-    from normbench.submissions import NAMESPACE, register_recorded
-    from normbench.suites import default_budget_reason, load_suite, plan
+    from normbench.submissions import NAMESPACE
+    from normbench.suites import default_budget_reason, load_suite
     from runners.executor import create_executor
-    from runners.suite import run_suite
 
     _plugin_norms()
     s = load_suite(suite)
@@ -308,15 +306,31 @@ def _run_suite(
     _lookup("--norms", NORMS, [n for n in norm_list or [] if not n.startswith(NAMESPACE)])
     if where.checkpoint_dir:
         os.environ["NORMBENCH_CHECKPOINT_DIR"] = where.checkpoint_dir
+    # The executor first: an unreachable Ray cluster is reported before the database is touched.
+    runner = create_executor(
+        where.executor.value, workers=where.workers, ray_address=where.ray_address
+    )
+    try:
+        _run_with(runner, s, budget_name, why, dev, norm_list, opt_list, seed_list, data_dir, db,
+                  force)  # fmt: skip
+    finally:
+        runner.close()
+
+
+def _run_with(runner, s, budget_name, why, dev, norm_list, opt_list, seed_list, data_dir, db,
+              force) -> None:  # fmt: skip
+    from normbench.norms import NORMS
+    from normbench.store import open_store
+    from normbench.submissions import register_recorded
+    from normbench.suites import plan
+    from runners.suite import run_suite
+
     store = open_store(config.db_url(db))
     # Submitted norms are named like any other; their code runs only in the workers.
     submissions = register_recorded(store, norm_list)
     _lookup("--norms", NORMS, norm_list or [])
     ratios = {r["name"]: r["time_ratio"] for r in _contract_ratios(store, submissions)}
     specs = plan(s, budget_name, norms=norm_list, optimizers=opt_list, seeds=seed_list)
-    runner = create_executor(
-        where.executor.value, workers=where.workers, ray_address=where.ray_address
-    )
     err.print(
         f"Suite [bold]{s.name}[/bold], budget [bold]{budget_name}"
         f"[/bold]{f' ({why})' if why else ''}, on {dev}, executor {runner.name}; results in "
@@ -344,8 +358,6 @@ def _run_suite(
             "the same command again to go on (a run resumes from its last finished epoch)."
         )
         raise typer.Exit(130) from None
-    finally:
-        runner.close()
     outcomes = result.outcomes
     if derive is not None and not result.mce_runs:
         err.print(f"mCE not computed yet: the reference pair {' + '.join(reference)} has no "

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pickle
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,18 +116,25 @@ def _read_cache(name: str, split: str) -> ArrayDataset | None:
     return ArrayDataset(images, labels, classes, source)
 
 
+def private_tmp(path: Path) -> Path:
+    """A temporary file beside ``path`` that no other process writes: several processes may fill
+    one cache at once (``normbench run`` processes sharing a suite), each writes its own file and
+    renames it into place atomically; their contents are the same."""
+    return path.with_name(f"{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
 def _write_cache(name: str, split: str, ds: ArrayDataset) -> None:
     images_path, labels_path, manifest_path = _cache_paths(name, split)
     images_path.parent.mkdir(parents=True, exist_ok=True)
     sums = {}
     for path, array in ((images_path, ds.images.numpy()), (labels_path, ds.labels.numpy())):
-        tmp = path.with_suffix(".tmp.npy")
+        tmp = private_tmp(path)
         np.save(tmp, array)
         os.replace(tmp, path)
         sums[path.name] = sha256_file(path)
     manifest = {"format": CACHE_FORMAT, "source": ds.source, "classes": list(ds.classes)}
     manifest |= {"sha256": sums, "shape": list(ds.images.shape)}
-    tmp = manifest_path.with_suffix(".tmp")
+    tmp = private_tmp(manifest_path)
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, manifest_path)
 

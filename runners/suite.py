@@ -383,9 +383,11 @@ class Orchestrator:
                 self._claim_more()
                 if not self.active and not self.pending:
                     break
-                if not self.active:
+                if not self.active:  # only runs other processes hold are left
                     self._show_waiting()
-                for item in self.executor.poll(0.2 if self.active else 1.0):
+                    time.sleep(min(1.0, self.lease / 8))
+                    continue
+                for item in self.executor.poll(0.2):
                     if isinstance(item, Done):
                         self._record(item)
                     else:

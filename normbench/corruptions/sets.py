@@ -33,7 +33,7 @@ import torch
 
 from normbench import config, progress
 from normbench.corruptions import ALL, CORRUPTIONS, SEVERITIES, TABLE_VERSION, check, corrupt
-from normbench.data import ArrayDataset, load_cifar10, sha256_file, subset_indices
+from normbench.data import ArrayDataset, load_cifar10, private_tmp, sha256_file, subset_indices
 from normbench.errors import DataError
 
 # bump when a corruption's implementation changes its output. 3: random numbers drawn per image
@@ -263,7 +263,7 @@ def _generate_file(
     """Write ``<name>.npy`` (the five severities of ``images``) and record it in ``manifest``."""
     rows = len(images)
     path = root / f"{name}.npy"
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = private_tmp(path)
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(5 * rows, 32, 32, 3))
     start = time.perf_counter()
     for severity in SEVERITIES:
@@ -283,7 +283,7 @@ def _generate_file(
 
 
 def _write_manifest(root: Path, manifest: dict) -> None:
-    tmp = root / "manifest.json.tmp"
+    tmp = private_tmp(root / "manifest.json")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, root / "manifest.json")
 
