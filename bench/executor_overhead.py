@@ -2,8 +2,8 @@
 sharing one results database.
 
 1. One small suite (by default a tiny cifar10 suite written to a temporary folder: the fast net at
-   widths 8-8-8-8, one epoch on 2,048 training images, 3 norms x 2 optimizers x 2 seeds = 12 runs)
-   three ways, one after another in this invocation:
+   widths 16-32-32-32, one epoch on 2,048 training images, no speed check, 3 norms x 2 optimizers
+   x 2 seeds = 12 runs; ``--runs`` for fewer) three ways, one after another in this invocation:
 
    a. the in-process loop: ``runners.classify.run`` for each spec in this process, nothing
       stored; the cost floor;
@@ -13,7 +13,12 @@ sharing one results database.
       timed apart), if Ray is installed.
 
    It prints the ratios to (a), the overhead per run ((b - a) / runs) and that overhead as a
-   fraction of one ``cpu``-budget cifar10 run as ``normbench.estimate`` calibrates it here.
+   fraction of one ``cpu``-budget cifar10 run as ``normbench.estimate`` calibrates it here. The
+   overhead is split by where it goes: the plan; the time outside the runs' own wall time
+   (``wall_time_s``: worker start, claim, result writes); and the runs themselves, which in a
+   fresh worker process pay a cold start that the in-process loop pays once (lazy imports, first
+   kernels), and which also change with the machine's load (the median training images/s shows
+   it: the measurements are one after another, on a machine that may be shared).
 
 2. Four ``normbench run`` processes started together on the same suite and the same (new) SQLite
    database, and with ``--postgres URL`` on a new database of that PostgreSQL server too: runs
@@ -75,7 +80,7 @@ reference = {{ norm = "batchnorm", optimizer = "sgd" }}
 
 [budgets.smoke]
 model = "fastnet"
-model_args = {{ widths = [8, 8, 8, 8] }}
+model_args = {{ widths = [16, 32, 32, 32] }}
 epochs = 1
 batch_size = 128
 eval_batch_size = 500
@@ -249,6 +254,7 @@ class Concurrent:
     lost: list[str]
     errors: list[str]
     exit_codes: list[int]
+    per_process: list[int]  # runs each process finished
 
 
 def concurrent(url: str, suite: Path, budget: str, specs, data_dir, work: Path, name: str):
@@ -277,10 +283,13 @@ def concurrent(url: str, suite: Path, budget: str, specs, data_dir, work: Path, 
     labels = {label(s): s.key for s in specs}
     done = Counter()
     errors = []
+    per_process = []
     for i, output in enumerate(outputs):
+        per_process.append(0)
         for line in output.splitlines():
             if line.startswith("done "):
                 done[line[5:].split(":", 1)[0]] += 1
+                per_process[-1] += 1
             if ERROR_LINE.search(line):
                 errors.append(f"process {i + 1}: {line.strip()}")
     engine = create_engine(url)
@@ -300,6 +309,7 @@ def concurrent(url: str, suite: Path, budget: str, specs, data_dir, work: Path, 
         sorted(keys - finished),
         errors,
         codes,
+        per_process,
     )
 
 
@@ -352,6 +362,7 @@ def report_concurrent(title: str, c: Concurrent, runs: int, local: float) -> Non
     for line in c.errors[:10]:
         print(f"    {line}")
     print(f"  exit statuses              {' '.join(str(code) for code in c.exit_codes)}")
+    print(f"  runs each process finished {' '.join(str(n) for n in c.per_process)}")
 
 
 def main() -> int:
@@ -435,15 +446,19 @@ def bench(args, runs: int, work: Path, cache: Path) -> int:
             from runners.ray_executor import RayExecutor
 
             t = time.perf_counter()
-            executor = RayExecutor(None)
-            ray_start = time.perf_counter() - t
             try:
-                c = with_executor(specs, executor, device, args.data_dir, work, "ray")
-            finally:
-                t = time.perf_counter()
-                executor.close()
-                ray_stop = time.perf_counter() - t
-            print(f"(c) run_suite + RayExecutor done: {c.seconds:.1f} s", flush=True)
+                executor = RayExecutor(None)
+            except Exception as err:  # noqa: BLE001 - reported in the table, the rest goes on
+                ray_note = f"ray: the local cluster did not start ({str(err).splitlines()[0]})"
+            else:
+                ray_start = time.perf_counter() - t
+                try:
+                    c = with_executor(specs, executor, device, args.data_dir, work, "ray")
+                finally:
+                    t = time.perf_counter()
+                    executor.close()
+                    ray_stop = time.perf_counter() - t
+                print(f"(c) run_suite + RayExecutor done: {c.seconds:.1f} s", flush=True)
     cpu_run = cpu_run_seconds(device)
 
     print(f"\n1. One {n}-run suite, one run at a time")

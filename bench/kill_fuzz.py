@@ -2,14 +2,15 @@
 lost, duplicated or changed.
 
 1. Reference: the suite (by default a tiny cifar10 suite written to a temporary folder: the fast
-   net at widths 8-8-8-8, 3 epochs on 2,048 training images, 3 norms x 2 optimizers = 6 runs, so
+   net at widths 16-32-32-32, 3 epochs on 1,024 training images, 3 norms x 2 optimizers = 6 runs, so
    kills land mid-run and between epochs) runs uninterrupted into database A, with one
    ``normbench run`` process.
 2. Fuzzed: database B with its own checkpoint folder and ``NORMBENCH_LEASE_SECONDS=4`` (a dead
    process's claims go stale in seconds). Two ``normbench run`` processes work on it; at random
    intervals (1-10 s, from a seeded RNG) one target is killed with SIGKILL: an orchestrator, or a
    worker (a process running ``runners.worker`` whose parent is one of the orchestrators, found
-   through /proc), until ``--kills`` kills are done. A killed orchestrator is restarted at once,
+   through /proc; an orchestrator that runs a worker is preferred, as its claim is what another
+   must take over), until ``--kills`` kills are done. A killed orchestrator is restarted at once,
    and one that exited by itself (its run failed because its worker was killed) while kills are
    still to come. Then the orchestrators finish; if the suite is not complete when they have all
    exited, ``normbench run`` is started again until it is (at most ``--retries`` times).
@@ -44,6 +45,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from normbench.errors import NormbenchError
+
 ORCHESTRATORS = 2
 LEASE_SECONDS = "4"
 KILL_INTERVAL = (1.0, 10.0)  # seconds between kills
@@ -73,11 +76,11 @@ reference = {{ norm = "batchnorm", optimizer = "sgd" }}
 
 [budgets.smoke]
 model = "fastnet"
-model_args = {{ widths = [8, 8, 8, 8] }}
+model_args = {{ widths = [16, 32, 32, 32] }}
 epochs = 3
 batch_size = 128
 eval_batch_size = 500
-train_subset = 2048
+train_subset = 1024
 test_subset = 500
 precision = "fp32"
 speed_pairs = 0
@@ -202,6 +205,8 @@ def read_runs(db: Path) -> tuple[Counter, dict[str, RunRows]]:
 
 
 def integrity(db: Path) -> str:
+    if not db.exists():
+        return "no database"
     with connect(db) as conn:
         return ", ".join(row[0] for row in conn.execute("PRAGMA integrity_check").fetchall())
 
@@ -211,7 +216,7 @@ def integrity(db: Path) -> str:
 
 @dataclass
 class Fuzz:
-    kills: Counter = field(default_factory=Counter)  # orchestrator / worker
+    kills: Counter = field(default_factory=Counter)  # by kind of target
     exit_codes: list[int] = field(default_factory=list)  # of processes not killed by us
     retries: int = 0
     stopped_early: str = ""
@@ -276,8 +281,12 @@ def fuzz(runner: Runner, db: Path, keys: set[str], kills: int, seed: int, timeou
             time.sleep(0.1)
             continue
         if kind == "orchestrator":
-            pid = rng.choice(sorted(live))
-            what = f"orchestrator {live[pid] + 1} (pid {pid})"
+            # One that runs a worker when there is one: its claim is what another must take over.
+            busy = sorted({table[w].ppid for w in workers}) or sorted(live)
+            pid = rng.choice(busy)
+            busy = any(table[w].ppid == pid for w in workers)
+            what = f"orchestrator {live[pid] + 1} (pid {pid}, {'with' if busy else 'no'} worker)"
+            kind = "orchestrator with a worker" if busy else "orchestrator without one"
             killed.add(pid)
         else:
             pid = rng.choice(workers)
@@ -323,7 +332,9 @@ def shown(cmdline: bytes) -> str:
 
 def leftovers(cache: Path, runner_pids: set[int]) -> list[str]:
     """Workers or orchestrators of this benchmark still running (waiting a few seconds for the
-    death signal of workers whose orchestrator just died)."""
+    death signal of workers whose orchestrator just died): our processes, workers whose parent
+    is one of them, and any worker or normbench process with this benchmark's cache directory in
+    its environment (a worker whose orchestrator died has another parent)."""
     marker = f"NORMBENCH_CACHE_DIR={cache}".encode()
     deadline = time.monotonic() + 10
     while True:
@@ -333,6 +344,8 @@ def leftovers(cache: Path, runner_pids: set[int]) -> list[str]:
             if p.state != "Z"
             and (
                 pid in runner_pids
+                or b"runners.worker" in p.cmdline
+                and p.ppid in runner_pids
                 or (b"runners.worker" in p.cmdline or b"normbench" in p.cmdline)
                 and has_environ(pid, marker)
             )
@@ -361,6 +374,9 @@ def main() -> int:
     os.environ["NORMBENCH_CACHE_DIR"] = str(cache)
     try:
         return bench(args, work, cache)
+    except NormbenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if args.keep:
             print(f"\nwork folder kept: {work}")
@@ -506,8 +522,10 @@ def bench(args, work: Path, cache: Path) -> int:
     print("\nCheck                                    Result  Detail")
     for name, ok, detail in checks:
         print(f"{name:40} {'ok' if ok else 'FAILED':6}  {detail}")
+    orchestrators = f.kills["orchestrator with a worker"] + f.kills["orchestrator without one"]
     print(
-        f"\nKills: {sum(f.kills.values())} ({f.kills['orchestrator']} orchestrators, "
+        f"\nKills: {sum(f.kills.values())} ({orchestrators} orchestrators, "
+        f"{f.kills['orchestrator with a worker']} of them running a worker; "
         f"{f.kills['worker']} workers); orchestrator processes started: "
         f"{len(fuzzed.started)}; normbench run again after they all exited: {f.retries}"
     )
