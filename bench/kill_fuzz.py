@@ -9,11 +9,13 @@ lost, duplicated or changed.
    process's claims go stale in seconds). Two ``normbench run`` processes work on it; at random
    intervals (1-10 s, from a seeded RNG) one target is killed with SIGKILL: an orchestrator, or a
    worker (a process running ``runners.worker`` whose parent is one of the orchestrators, found
-   through /proc; an orchestrator that runs a worker is preferred, as its claim is what another
-   must take over), until ``--kills`` kills are done. A killed orchestrator is restarted at once,
+   through /proc), drawn with even odds; when a worker is drawn and none runs, the kill waits for
+   one (else, on a loaded machine, every kill would hit an orchestrator still starting), and an
+   orchestrator that runs a worker is preferred, as its claim is what another must take over.
+   This goes on until ``--kills`` kills are done. A killed orchestrator is restarted at once,
    and one that exited by itself (its run failed because its worker was killed) while kills are
    still to come. Then the orchestrators finish; if the suite is not complete when they have all
-   exited, ``normbench run`` is started again until it is (at most ``--retries`` times).
+   exited, ``normbench run`` is started again until it is (at most 5 times).
 3. Checks, printed as a table and as the exit status (0 only if all hold): ``PRAGMA
    integrity_check`` of both databases; every planned run has exactly one row, finished; no run
    lost or duplicated (rows, and ``done`` lines across every orchestrator's output); every run's
@@ -25,7 +27,7 @@ The dataset cache is a private temporary folder (``--cache-dir`` to reuse one); 
 CIFAR-10 into it takes about 20 s.
 
     python bench/kill_fuzz.py --data-dir ../shared/data [--kills 20] [--seed 0]
-        [--suite PATH --budget B] [--cache-dir DIR] [--keep]
+        [--suite PATH --budget B] [--timeout S] [--cache-dir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -233,6 +235,7 @@ def fuzz(runner: Runner, db: Path, keys: set[str], kills: int, seed: int, timeou
     slots: list[subprocess.Popen | None] = [runner.start() for _ in range(ORCHESTRATORS)]
     killed: set[int] = set()  # orchestrators killed by us: restarted at once
     next_kill = start + rng.uniform(*KILL_INTERVAL)
+    drawn: str | None = None  # the kind of the next target, drawn once per kill
     checked, complete = 0.0, False
 
     def note(text: str) -> None:
@@ -274,13 +277,12 @@ def fuzz(runner: Runner, db: Path, keys: set[str], kills: int, seed: int, timeou
             for pid, p in table.items()
             if p.ppid in live and b"runners.worker" in p.cmdline and p.state != "Z"
         )
-        kind = rng.choice(["orchestrator", "worker"])
-        if kind == "worker" and not workers:
-            kind = "orchestrator"
-        if kind == "orchestrator" and not live:
-            time.sleep(0.1)
+        if drawn is None:
+            drawn = rng.choice(["orchestrator", "worker"])
+        if not (workers if drawn == "worker" else live):
+            time.sleep(0.1)  # wait for a target of the kind drawn (a worker: until a run starts)
             continue
-        if kind == "orchestrator":
+        if drawn == "orchestrator":
             # One that runs a worker when there is one: its claim is what another must take over.
             busy = sorted({table[w].ppid for w in workers}) or sorted(live)
             pid = rng.choice(busy)
@@ -291,6 +293,7 @@ def fuzz(runner: Runner, db: Path, keys: set[str], kills: int, seed: int, timeou
         else:
             pid = rng.choice(workers)
             what = f"worker {pid} of orchestrator {live[table[pid].ppid] + 1}"
+            kind = "worker"
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:  # it ended meanwhile: draw again
@@ -299,6 +302,7 @@ def fuzz(runner: Runner, db: Path, keys: set[str], kills: int, seed: int, timeou
         result.kills[kind] += 1
         note(f"kill -9 #{sum(result.kills.values())}: {what}")
         next_kill = time.monotonic() + rng.uniform(*KILL_INTERVAL)
+        drawn = None
     else:
         result.stopped_early = f"timed out after {timeout:.0f} s"
 
