@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers import tiny_suite
 
 
@@ -45,6 +46,7 @@ def test_two_orchestrators_divide_a_suite_and_run_each_run_once(cifar_dir, tmp_p
     assert "locked" not in "".join(outputs)
 
 
+@pytest.mark.slow  # bench/kill_fuzz.py does this ten times over
 def test_a_killed_orchestrators_run_is_taken_over_and_resumed(cifar_dir, tmp_path):
     suite = tiny_suite(tmp_path)
     suite.write_text(suite.read_text().replace("epochs = 1", "epochs = 3"))

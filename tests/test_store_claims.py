@@ -9,8 +9,10 @@ import os
 import random
 import re
 import signal
+import sys
 import time
 import traceback
+import types
 
 import pytest
 from sqlalchemy import select, text
@@ -25,6 +27,13 @@ SPEC = {
     "settings": {"model": "fastnet"},
 }  # fmt: skip
 SPAWN = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture(autouse=True)
+def plain_main_module(monkeypatch):
+    """Spawned children import the parent's ``__main__`` first; a Streamlit test earlier in the
+    session leaves a dashboard page there, which must not run in them."""
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
 
 
 def claim(store, key: str, owner: str, *, spec=SPEC, reset: bool = False, **kwargs):
