@@ -148,12 +148,37 @@ def launch_job(job: Job, scratch: Path):
     return sandbox.launch("runners.worker", payload, policy=policy, scratch=scratch)
 
 
+SCRATCH_PREFIX = "normbench-worker-"
+
+
+def remove_orphaned_scratch() -> int:
+    """Remove the scratch folders of workers whose orchestrator died (a ``kill -9`` leaves them
+    in the temporary directory); returns how many."""
+    removed = 0
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        pid = folder.name[len(SCRATCH_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or not folder.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its orchestrator is alive (or the pid was reused): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 class _Running:
     """A job's worker, its scratch directory and what it reported so far."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.scratch = Path(tempfile.mkdtemp(prefix=f"normbench-{job.id[:12]}-"))
+        # The orchestrator's pid in the name lets a later one remove what a killed one left.
+        prefix = f"{SCRATCH_PREFIX}{os.getpid()}-{job.id[:12]}-"
+        self.scratch = Path(tempfile.mkdtemp(prefix=prefix))
         self.worker = launch_job(job, self.scratch)
         self.result: dict[str, Any] | None = None
         self.error: str | None = None
@@ -228,6 +253,7 @@ class LocalExecutor:
             raise NormbenchError(f"--workers must be at least 1, not {workers}.")
         self.workers = workers
         self.running: dict[str, _Running] = {}
+        remove_orphaned_scratch()
 
     def capacity(self) -> int:
         return self.workers
