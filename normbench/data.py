@@ -1,9 +1,12 @@
 """Datasets as uint8 tensors, their checksummed cache, and the tensor-resident training loader.
 
-Sources for CIFAR-10, in order:
+Sources for CIFAR-10 and CIFAR-100, in order:
 1. a local mirror under the data directory (``--data-dir`` / ``NORMBENCH_DATA_DIR``), either in the
-   Hugging Face hub parquet layout (``cifar10/**/train-*.parquet``, ``test-*.parquet``; what
-   ``uoft-cs/cifar10`` publishes) or torchvision's ``cifar-10-batches-py`` folder;
+   Hugging Face hub parquet layout (``cifar10/**/train-*.parquet``, ``test-*.parquet``, as
+   ``uoft-cs/cifar10`` publishes it; ``cifar100/**`` for ``uoft-cs/cifar100``, whose task labels
+   are its 100 fine classes) or torchvision's ``cifar-10-batches-py`` / ``cifar-100-python``
+   folder. Each dataset reads only its own files: parquet files directly in the data directory
+   count only when they hold the dataset's label column;
 2. torchvision's official download into the cache directory, when online.
 
 Images are decoded once into ``(N, 3, 32, 32)`` uint8 tensors and cached as ``.npy`` files next to
@@ -45,6 +48,8 @@ CIFAR10_CLASSES = (
 )
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
 
 log = logging.getLogger(__name__)
@@ -139,15 +144,45 @@ def _write_cache(name: str, split: str, ds: ArrayDataset) -> None:
     os.replace(tmp, manifest_path)
 
 
-# --- CIFAR-10 sources ---------------------------------------------------------------------------
+# --- CIFAR-10 and CIFAR-100 ---------------------------------------------------------------------
 
 
-def _find_parquet(root: Path, split: str) -> list[Path]:
-    for base in (root / "cifar10", root):
-        files = sorted(base.glob(f"**/{split}-*.parquet"))
-        if files:
-            return files
-    return []
+@dataclass(frozen=True)
+class CifarSpec:
+    """What tells one CIFAR dataset's sources apart; the class names always come from its files."""
+
+    name: str  # normbench's name, the mirror's parquet folder and the cache folder: "cifar10"
+    title: str  # in messages: "CIFAR-10"
+    hub_repo: str  # the Hugging Face dataset whose parquet layout a mirror copies
+    label_column: str  # that layout's ClassLabel column of the task's labels
+    batches_folder: str  # torchvision's folder of pickled batches
+    batch_labels: str  # the batches' key of the task's labels
+    torchvision_class: str  # the ``torchvision.datasets`` class that downloads it
+    num_classes: int
+
+
+CIFAR10_SPEC = CifarSpec(
+    name="cifar10",
+    title="CIFAR-10",
+    hub_repo="uoft-cs/cifar10",
+    label_column="label",
+    batches_folder="cifar-10-batches-py",
+    batch_labels="labels",
+    torchvision_class="CIFAR10",
+    num_classes=10,
+)
+# CIFAR-100 labels every image twice, with one of 100 fine classes and one of 20 coarse ones; the
+# benchmark's task is the 100-class one.
+CIFAR100_SPEC = CifarSpec(
+    name="cifar100",
+    title="CIFAR-100",
+    hub_repo="uoft-cs/cifar100",
+    label_column="fine_label",
+    batches_folder="cifar-100-python",
+    batch_labels="fine_labels",
+    torchvision_class="CIFAR100",
+    num_classes=100,
+)
 
 
 def _unreadable(path: Path, what: str, err: BaseException) -> DataError:
@@ -161,6 +196,49 @@ def _unreadable(path: Path, what: str, err: BaseException) -> DataError:
         "restore it from the mirror it was copied from (compare it with the mirror's checksums), "
         "or point --data-dir / NORMBENCH_DATA_DIR at an intact mirror."
     )
+
+
+def _layout_problem(features: dict, spec: CifarSpec) -> str | None:
+    """What keeps parquet columns with these ``datasets`` features from being ``spec``'s hub
+    layout (None: nothing)."""
+    import datasets
+
+    label = features.get(spec.label_column)
+    has_image = any(isinstance(f, datasets.Image) for f in features.values())
+    if has_image and isinstance(label, datasets.ClassLabel):
+        if label.num_classes == spec.num_classes:
+            return None
+        return (
+            f"its {spec.label_column!r} column has {label.num_classes} classes; "
+            f"{spec.title} has {spec.num_classes}"
+        )
+    return (
+        f"it needs an Image column and a ClassLabel column {spec.label_column!r} (as "
+        f"{spec.hub_repo} has), and has {dict(features)}"
+    )
+
+
+def _find_parquet(root: Path, spec: CifarSpec, split: str) -> list[Path]:
+    """The split's shards: those in the dataset's own folder (``<root>/cifar10/**``), else the
+    files directly in ``root`` when they hold the dataset's labels. Parquet files of another
+    dataset (a ``cifar100/`` folder beside ``cifar10/``) are never taken for this one."""
+    files = sorted((root / spec.name).glob(f"**/{split}-*.parquet"))
+    if files:
+        return files
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(root.glob(f"{split}-*.parquet"))
+    for path in files:
+        try:
+            features = datasets.Features.from_arrow_schema(pq.read_schema(path))
+        except (pa.ArrowException, OSError) as err:
+            raise _unreadable(path, "cannot be read as a parquet file", err) from None
+        if _layout_problem(features, spec) is not None:
+            log.debug("%s does not hold %s's labels; not used for it.", path, spec.title)
+            return []
+    return files
 
 
 def _read_parquet(files: list[Path]):
@@ -188,8 +266,8 @@ def _read_parquet(files: list[Path]):
     return table, datasets.Features.from_arrow_schema(table.schema), starts
 
 
-def _decode_parquet(files: list[Path], split: str) -> ArrayDataset:
-    """Decode the hub parquet layout (``img`` PNG bytes, ``label`` ClassLabel).
+def _decode_parquet(files: list[Path], split: str, spec: CifarSpec) -> ArrayDataset:
+    """Decode the hub parquet layout (an Image column of PNG bytes, ``spec.label_column``).
 
     Reading the files with pyarrow takes well under a second; the time goes into decoding the
     PNGs (50,000 for the training set), which shows a bar with its rate and time left.
@@ -198,28 +276,26 @@ def _decode_parquet(files: list[Path], split: str) -> ArrayDataset:
     from PIL import Image
 
     table, features, starts = _read_parquet(files)
-    image_column = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
-    label_column = next(
-        (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None
-    )
-    if image_column is None or label_column is None:
+    problem = _layout_problem(features, spec)
+    if problem is not None:
         raise DataError(
-            f"{files[0]} is not in the Hugging Face image-classification layout: it needs an "
-            f"Image column and a ClassLabel column, and has {dict(features)}."
+            f"{files[0]} is not in the Hugging Face image-classification layout of {spec.title}: "
+            f"{problem}."
         )
-    classes = tuple(features[label_column].names)
+    image_column = next(k for k, f in features.items() if isinstance(f, datasets.Image))
+    classes = tuple(features[spec.label_column].names)
     encoded = table.column(image_column).combine_chunks().field("bytes")
-    labels = table.column(label_column).to_numpy().astype(np.int64)
+    labels = table.column(spec.label_column).to_numpy().astype(np.int64)
     images = np.empty((len(table), 32, 32, 3), dtype=np.uint8)
     chunk = 500
-    with progress.task(f"decoding CIFAR-10 {split}", total=len(table)) as advance:
+    with progress.task(f"decoding {spec.title} {split}", total=len(table)) as advance:
         for lo in range(0, len(table), chunk):
             for i, png in enumerate(encoded.slice(lo, chunk).to_pylist(), start=lo):
                 path = files[int(np.searchsorted(starts, i, side="right")) - 1]  # row i's file
                 if png is None:
                     raise DataError(
                         f"{path}: row {i} holds no image bytes (the mirror must embed the PNG "
-                        "images, as uoft-cs/cifar10 does)."
+                        f"images, as {spec.hub_repo} does)."
                     )
                 try:
                     with Image.open(io.BytesIO(png)) as im:
@@ -230,78 +306,164 @@ def _decode_parquet(files: list[Path], split: str) -> ArrayDataset:
                     raise _unreadable(path, f"holds an undecodable image in row {i}", err) from None
                 if size != (32, 32):
                     raise DataError(
-                        f"{path}: row {i} is a {size[0]}x{size[1]} image; CIFAR-10 images are "
-                        "32x32."
+                        f"{path}: row {i} is a {size[0]}x{size[1]} image; {spec.title} images "
+                        "are 32x32."
                     )
             advance(min(chunk, len(table) - lo))
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     return ArrayDataset(tensor, torch.from_numpy(labels), classes, f"parquet:{files[0].parent}")
 
 
-def _load_torchvision(root: Path, split: str, download: bool) -> ArrayDataset:
-    from torchvision.datasets import CIFAR10
+def _find_batches(root: Path, spec: CifarSpec) -> Path | None:
+    """torchvision's batches folder of the dataset in ``root`` or in its own folder there."""
+    for base in (root, root / spec.name):
+        if (base / spec.batches_folder).is_dir():
+            return base / spec.batches_folder
+    return None
 
-    ds = CIFAR10(str(root), train=split == "train", download=download)
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor(ds.targets, dtype=torch.int64)
-    return ArrayDataset(images, labels, tuple(ds.classes), f"torchvision:{root}")
+
+# Whatever a damaged or foreign pickle makes ``pickle.load`` or the batch's contents raise.
+_PICKLE_ERRORS = (
+    OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError,
+    AttributeError, ImportError,
+)  # fmt: skip
 
 
-def _missing_message(data_dir: Path | None, reason: str) -> str:
-    where = f"in {data_dir}" if data_dir else "(no data directory set)"
-    return (
-        f"CIFAR-10 is not available: no local mirror was found {where}, and the official "
-        f"download failed ({reason}). Either connect to the internet and run `normbench data "
-        "prepare cifar10` (torchvision downloads it into the cache directory), or put a mirror in "
-        "the Hugging Face parquet layout (cifar10/train-*.parquet and cifar10/test-*.parquet, as "
-        "published by uoft-cs/cifar10) or torchvision's cifar-10-batches-py folder under a "
-        "directory and pass it with --data-dir or NORMBENCH_DATA_DIR."
+def _unpickle(path: Path) -> dict[str, object]:
+    # The official batches are Python 2 pickles: latin-1 decodes their strings (and numpy's array
+    # bytes) as torchvision does. Keys are read as text whichever way a file was written.
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    if not isinstance(entry, dict):
+        raise TypeError(f"it holds a {type(entry).__name__}, not a dict")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _read_batches(folder: Path, spec: CifarSpec, split: str) -> ArrayDataset:
+    """Read torchvision's folder of pickled batches, in the format of the official archives:
+    per batch a dict of ``data`` (N, 3072) uint8 rows (channels, then rows, then columns) and the
+    labels (``spec.batch_labels``), and a meta file with the class names.
+
+    The files are read here rather than through torchvision's dataset class, which accepts only
+    files whose MD5 is the official archive's; a mirror is checked by what it decodes to instead
+    (shapes, labels, class count), and the decoded cache by its SHA-256.
+    """
+    from torchvision import datasets as tv_datasets
+
+    tv_class = getattr(tv_datasets, spec.torchvision_class)
+    batches = [
+        name for name, _md5 in (tv_class.train_list if split == "train" else tv_class.test_list)
+    ]
+    images, labels = [], []
+    path = folder
+    try:
+        for name in batches:
+            path = folder / name
+            entry = _unpickle(path)
+            data = np.asarray(entry["data"])
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                raise ValueError(f"its data is {data.dtype} {data.shape}, not uint8 (N, 3072)")
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(entry[spec.batch_labels], dtype=np.int64))
+            if len(labels[-1]) != len(images[-1]):
+                raise ValueError(f"{len(images[-1])} images but {len(labels[-1])} labels")
+        path = folder / tv_class.meta["filename"]
+        names = _unpickle(path)[tv_class.meta["key"]]
+        classes = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
+    except _PICKLE_ERRORS as err:
+        raise _unreadable(path, f"is not a readable {spec.title} batch file", err) from None
+    tensor = torch.from_numpy(np.concatenate(images))
+    return ArrayDataset(
+        tensor, torch.from_numpy(np.concatenate(labels)), classes, f"batches:{folder}"
     )
 
 
-def _build_cifar10(split: str, data_dir: Path | None) -> ArrayDataset:
+def _download(spec: CifarSpec, split: str) -> ArrayDataset:
+    """The official archive, fetched (once) by torchvision into the cache directory, which checks
+    its MD5 and the extracted files' before reading them."""
+    from torchvision import datasets as tv_datasets
+
+    root = config.cache_dir() / "downloads"
+    tv_class = getattr(tv_datasets, spec.torchvision_class)
+    ds = tv_class(str(root), train=split == "train", download=True)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor(ds.targets, dtype=torch.int64)  # CIFAR-100's fine labels
+    return ArrayDataset(images, labels, tuple(ds.classes), f"torchvision:{root}")
+
+
+def _missing_message(spec: CifarSpec, data_dir: Path | None, reason: str) -> str:
+    where = f"in {data_dir}" if data_dir else "(no data directory set)"
+    return (
+        f"{spec.title} is not available: no local mirror was found {where}, and the official "
+        f"download failed ({reason}). Either connect to the internet and run `normbench data "
+        f"prepare {spec.name}` (torchvision downloads it into the cache directory), or put a "
+        f"mirror in the Hugging Face parquet layout ({spec.name}/train-*.parquet and "
+        f"{spec.name}/test-*.parquet, as published by {spec.hub_repo}) or torchvision's "
+        f"{spec.batches_folder} folder under a directory and pass it with --data-dir or "
+        "NORMBENCH_DATA_DIR."
+    )
+
+
+def _build_cifar(spec: CifarSpec, split: str, data_dir: Path | None) -> ArrayDataset:
+    """The split from the first source that has it: a parquet mirror, a batches folder, the
+    official download."""
     if data_dir is not None:
         if not data_dir.is_dir():
             raise DataError(f"The data directory {data_dir} does not exist.")
-        files = _find_parquet(data_dir, split)
+        files = _find_parquet(data_dir, spec, split)
         if files:
-            return _decode_parquet(files, split)
-        for root in (data_dir, data_dir / "cifar10"):
-            if (root / "cifar-10-batches-py").is_dir():
-                try:
-                    return _load_torchvision(root, split, download=False)
-                except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
-                    folder = root / "cifar-10-batches-py"
-                    raise _unreadable(
-                        folder, "holds a batch file that cannot be read", err
-                    ) from None
-    root = config.cache_dir() / "downloads"
+            return _decode_parquet(files, split, spec)
+        folder = _find_batches(data_dir, spec)
+        if folder is not None:
+            return _read_batches(folder, spec, split)
     try:
-        return _load_torchvision(root, split, download=True)
+        return _download(spec, split)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; bad archives raise Runtime
-        raise DataError(_missing_message(data_dir, str(err) or type(err).__name__)) from None
+        raise DataError(_missing_message(spec, data_dir, str(err) or type(err).__name__)) from None
+
+
+def _check_cifar(ds: ArrayDataset, spec: CifarSpec, split: str) -> None:
+    """Refuse a split that is not the dataset: the class count is the dataset's, the classes
+    themselves come from its files."""
+    ok = (
+        ds.images.ndim == 4
+        and ds.images.dtype == torch.uint8
+        and tuple(ds.images.shape[1:]) == (3, 32, 32)
+        and len(ds) > 0
+        and len(ds.labels) == len(ds.images)
+        and len(ds.classes) == spec.num_classes
+        and 0 <= int(ds.labels.min()) <= int(ds.labels.max()) < len(ds.classes)
+    )
+    if not ok:
+        raise DataError(
+            f"{spec.title} {split} from {ds.source} is not {spec.title}: images of shape "
+            f"{tuple(ds.images.shape)}, {len(ds.labels)} labels, {len(ds.classes)} classes "
+            f"(expected (N, 3, 32, 32) uint8 images, N labels in 0..{spec.num_classes - 1} and "
+            f"{spec.num_classes} classes)."
+        )
+
+
+def _load_cifar(spec: CifarSpec, split: str, data_dir: str | Path | None) -> ArrayDataset:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    cached = _read_cache(spec.name, split)
+    if cached is not None:
+        return cached
+    ds = _build_cifar(spec, split, config.data_dir(data_dir))
+    _check_cifar(ds, spec, split)
+    _write_cache(spec.name, split, ds)
+    return ds
 
 
 def load_cifar10(split: str, data_dir: str | Path | None = None) -> ArrayDataset:
     """CIFAR-10 ``split`` ("train" or "test") as uint8 tensors, from the cache when it is valid."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    cached = _read_cache("cifar10", split)
-    if cached is not None:
-        return cached
-    ds = _build_cifar10(split, config.data_dir(data_dir))
-    shape_ok = ds.images.ndim == 4 and ds.images.shape[1:] == (3, 32, 32) and len(ds) > 0
-    labels_ok = (
-        len(ds.labels) == len(ds.images) and 0 <= int(ds.labels.min()) <= int(ds.labels.max()) < 10
-    )
-    if not (shape_ok and labels_ok and len(ds.classes) == 10):
-        raise DataError(
-            f"CIFAR-10 {split} from {ds.source} is not CIFAR-10: images of shape "
-            f"{tuple(ds.images.shape)}, {len(ds.labels)} labels, {len(ds.classes)} classes "
-            "(expected (N, 3, 32, 32) images, N labels in 0..9 and 10 classes)."
-        )
-    _write_cache("cifar10", split, ds)
-    return ds
+    return _load_cifar(CIFAR10_SPEC, split, data_dir)
+
+
+def load_cifar100(split: str, data_dir: str | Path | None = None) -> ArrayDataset:
+    """CIFAR-100 ``split`` ("train" or "test") with its 100 fine labels, as uint8 tensors, from the
+    cache when it is valid."""
+    return _load_cifar(CIFAR100_SPEC, split, data_dir)
 
 
 # --- ImageFolder datasets (ImageNet and subsets) -------------------------------------------------
@@ -367,12 +529,14 @@ def load_imagefolder(name: str, split: str, data_dir: str | Path | None = None) 
 
 DATASETS = {
     "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
     "imagenet": functools.partial(load_imagefolder, "imagenet"),
     "imagenette-mini": functools.partial(load_imagefolder, "imagenette-mini"),
 }
 #: Per-channel mean and std used to normalize each dataset's images.
 NORMALIZATION = {
     "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
     "imagenette-mini": (IMAGENET_MEAN, IMAGENET_STD),
 }
