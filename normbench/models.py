@@ -18,6 +18,11 @@ nonlinearity (capability ``act``: FRN's TLU, the EvoNorms), as in the papers' Re
 - the last norm of a residual branch (before the addition), which the model builds with no
   activation, is built with ``apply_act=False``; the activation after the addition is the model's.
 
+Pre-activation nets (the Wide ResNets) normalize a block's *input*: the norm-activation pairs that
+follow no convolution of theirs (before each block, before the classifier) are per-channel layers
+from the factory's ``norm_layer`` (``norm_act``), and the convolution before a residual addition
+has no norm, so every norm there is built with its activation (the norm's own where it has one).
+
 Models state what they do with the factory as capabilities, and a norm that needs one the model
 lacks is refused with a message before anything is built (``check_model_supports``): a norm that
 owns its convolution needs a model that builds every convolution through the factory, SkipInit
@@ -121,11 +126,12 @@ def conv_norm_factory(norm: NormSpec, **norm_kwargs: Any) -> BlockFactory:
                 return module
             return nn.Sequential(OrderedDict(block=module, act=act()))
 
-        def norm_layer(num_channels: int) -> nn.Module:
+        def norm_layer(num_channels: int, **kwargs: Any) -> nn.Module:
+            hosts = [e.info.name for e in MODELS if e.info.has(CONV_BLOCKS)]
             raise NormbenchError(
                 f"norm {name!r} owns its convolution, so it cannot follow a convolution that a "
-                "model builds itself; use a model built from the block factory (resnet20, "
-                "resnet56, fastnet)."
+                f"model builds itself; use a model built from the block factory "
+                f"({', '.join(hosts) or 'none'})."
             )
 
     else:
@@ -160,8 +166,8 @@ register_model = MODELS.register
 
 
 _NEEDS = {
-    CONV_BLOCKS: "owns its convolution, but model {model!r} builds its own convolutions and only "
-    "takes a per-channel norm layer",
+    CONV_BLOCKS: "owns its convolution, but model {model!r} builds convolutions of its own and "
+    "takes per-channel norm layers",
     RESIDUAL_GATE: "gates residual branches (SkipInit), but model {model!r} has no residual "
     "branches, so it would train as 'none'",
     NORM_ACT: "applies its own nonlinearity, but model {model!r} applies its own activation after "
@@ -272,6 +278,168 @@ def resnet20(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
 )
 def resnet56(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
     return CifarResNet(56, block=block, num_classes=num_classes)
+
+
+# --- Wide ResNets (Zagoruyko & Komodakis 2016) ---------------------------------------------------
+
+
+class NormAct(nn.Sequential):
+    """A per-channel norm layer and the activation after it (``norm``, ``act``); ``act`` is left
+    out for a norm that applies its own nonlinearity."""
+
+
+def norm_act(block: BlockFactory, num_channels: int, act: type[nn.Module] = nn.ReLU) -> NormAct:
+    """The factory's norm on ``num_channels`` channels followed by ``act``, or by nothing when the
+    norm has its own nonlinearity (then built with ``apply_act=True``)."""
+    norm_layer = getattr(block, "norm_layer", None)
+    if norm_layer is None:
+        raise NormbenchError(
+            "a pre-activation model needs a block factory with a per-channel norm_layer; "
+            "conv_norm_factory provides one"
+        )
+    if getattr(block, "own_act", False):
+        return NormAct(OrderedDict(norm=norm_layer(num_channels, apply_act=True)))
+    return NormAct(OrderedDict(norm=norm_layer(num_channels), act=act()))
+
+
+class WideBlock(nn.Module):
+    """Pre-activation basic block: norm-ReLU on the input, then 3x3 conv-norm-ReLU (one factory
+    block, strided), dropout, and a plain 3x3 conv (no norm: the next block's pre-activation
+    normalizes the sum), added to the shortcut. The shortcut is the identity, or, where the shape
+    changes, a 1x1 strided conv of the *pre-activated* input, as in the reference code.
+
+    Convolutions built here have no bias, as in the reference code, whatever the norm. With a
+    SkipInit factory the residual branch is multiplied by ``skip_gain`` (a learnable scalar
+    initialised to 0), so every block starts as its shortcut.
+    """
+
+    def __init__(
+        self,
+        block: BlockFactory,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.preact = norm_act(block, in_channels)
+        self.conv1 = block(in_channels, out_channels, 3, stride, act=nn.ReLU)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, padding=1, bias=False)
+        reshape = stride != 1 or in_channels != out_channels
+        self.shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1, stride, bias=False) if reshape else None
+        )
+        skipinit = getattr(block, "skipinit", False)
+        self.skip_gain = nn.Parameter(torch.zeros(())) if skipinit else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.preact(x)
+        out = self.conv2(self.dropout(self.conv1(pre)))
+        if self.skip_gain is not None:
+            out = self.skip_gain * out
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k for 32x32 inputs: a 3x3 conv stem (3 -> 16, no norm after it), three groups of
+    n = (d - 4) / 6 ``WideBlock``s with 16k, 32k and 64k channels (strides 1, 2, 2), a final
+    norm-ReLU, global average pooling and a linear classifier.
+
+    Convolutions are initialised Kaiming-normal (fan_out, ReLU) as in the reference code and the
+    CIFAR ResNets here; the classifier keeps PyTorch's default initialisation.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        widen_factor: int,
+        *,
+        block: BlockFactory,
+        num_classes: int,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if not _is_int(depth) or depth < 10 or (depth - 4) % 6:
+            raise NormbenchError(
+                "Wide ResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...); "
+                f"got {depth!r}"
+            )
+        if not _is_int(widen_factor) or widen_factor < 1:
+            raise NormbenchError(
+                f"Wide ResNet widen_factor must be an integer >= 1; got {widen_factor!r}"
+            )
+        if not (_is_int(dropout) or isinstance(dropout, float)) or not 0 <= dropout < 1:
+            raise NormbenchError(f"Wide ResNet dropout must be in [0, 1); got {dropout!r}")
+        n = (depth - 4) // 6
+        widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.stem = nn.Conv2d(3, 16, 3, 1, padding=1, bias=False)
+        layers: list[nn.Module] = []
+        in_channels = 16
+        for group, out_channels in enumerate(widths):
+            for i in range(n):
+                stride = 2 if group > 0 and i == 0 else 1
+                layers.append(WideBlock(block, in_channels, out_channels, stride, dropout))
+                in_channels = out_channels
+        self.layers = nn.Sequential(*layers)
+        self.final = norm_act(block, in_channels)
+        self.fc = nn.Linear(in_channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.final(self.layers(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# Every convolution but each block's first is built here, so norms that own theirs are refused.
+_WRN_CAPABILITIES = {RESIDUAL_GATE, NORM_ACT}
+_WRN = (
+    "pre-activation Wide ResNet (Zagoruyko & Komodakis 2016) for 32x32 inputs, 1x1 conv shortcuts"
+)
+
+
+@register_model(
+    "wrn16_8",
+    description=f"WRN-16-8, {_WRN}, 11.0M parameters.",
+    family="resnet",
+    capabilities=_WRN_CAPABILITIES,
+)
+def wrn16_8(*, block: BlockFactory, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+    return WideResNet(16, 8, block=block, num_classes=num_classes, dropout=dropout)
+
+
+@register_model(
+    "wrn28_10",
+    description=f"WRN-28-10, {_WRN}, 36.5M parameters.",
+    family="resnet",
+    capabilities=_WRN_CAPABILITIES,
+)
+def wrn28_10(*, block: BlockFactory, num_classes: int = 10, dropout: float = 0.0) -> nn.Module:
+    return WideResNet(28, 10, block=block, num_classes=num_classes, dropout=dropout)
+
+
+@register_model(
+    "wideresnet",
+    description=f"WRN-depth-widen_factor, {_WRN}; model_args depth (6n+4, default 28), "
+    "widen_factor (default 10), dropout between a block's convolutions (default 0).",
+    family="resnet",
+    capabilities=_WRN_CAPABILITIES,
+)
+def wideresnet(
+    *,
+    block: BlockFactory,
+    num_classes: int = 10,
+    depth: int = 28,
+    widen_factor: int = 10,
+    dropout: float = 0.0,
+) -> nn.Module:
+    return WideResNet(depth, widen_factor, block=block, num_classes=num_classes, dropout=dropout)
 
 
 # --- A small fast CIFAR net for CPU budgets -----------------------------------------------------
