@@ -492,12 +492,21 @@ def list_(
         from normbench.norms import norm_options
 
         table.add_column("options")
+    if kind is ListKind.optimizers:  # the hyper-parameters a suite may set, with defaults
+        from normbench.optim import TWO_PASS, optimizer_options
+
+        table.add_column("hyper-parameters (default)")
     for name in registry.names(pattern):
         entry = registry.get(name)
         info = entry.info
         row = [name, info.family, ", ".join(sorted(info.capabilities)), info.description]
         if kind is ListKind.norms:
             row.append(", ".join(f"{k}={v!r}" for k, v in norm_options(entry.obj).items()))
+        if kind is ListKind.optimizers:
+            options = [k if v is ... else f"{k}={v!r}" for k, v in optimizer_options(name).items()]
+            if info.has(TWO_PASS):
+                options.append("+ the base optimizer's")
+            row.append(", ".join(options))
         table.add_row(*row)
     out.print(table)
 
@@ -583,6 +592,11 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
         ratio, iqr = r.get(f"{M.SPEED_VS_BN}_mean"), r.get(f"{M.SPEED_VS_BN_IQR}_mean")
         return _num(ratio, "{:.2f}x") + ("" if _missing(iqr) else f" (IQR {iqr:.2f})")
 
+    def speed_vs_base(r) -> str:
+        ratio = r.get(f"{M.SPEED_VS_BASE_OPTIMIZER}_mean")
+        iqr = r.get(f"{M.SPEED_VS_BASE_OPTIMIZER_IQR}_mean")
+        return _num(ratio, "{:.2f}x") + ("" if _missing(iqr) else f" (IQR {iqr:.2f})")
+
     def worst(r) -> str:
         if _missing(r.get("worst_corruption")):
             return "-"
@@ -609,6 +623,14 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
     columns += [
         ("n", lambda r: str(r["n"])),
         ("speed vs BN", speed),
+    ]
+    two_pass = (
+        f"{M.SPEED_VS_BASE_OPTIMIZER}_mean" in table
+        and table[f"{M.SPEED_VS_BASE_OPTIMIZER}_mean"].notna().any()
+    )
+    if two_pass:
+        columns.append(("train speed vs base optimizer", speed_vs_base))
+    columns += [
         ("own images/s", lambda r: _num(r.get(f"{M.TRAIN_THROUGHPUT}_mean"), "{:,.0f}")),
         ("wall s", lambda r: _num(r.get(f"{M.WALL_TIME}_mean"), "{:.0f}")),
         ("runs", lambda r: r["status"]),
@@ -619,6 +641,11 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
         "own images/s: the run's own throughput, measured during training (depends on what else "
         "the machine was doing)."
     )
+    if two_pass:
+        caption += (
+            " train speed vs base optimizer: a two-pass optimizer (sam...) timed against its base "
+            "optimizer on the run's model in the run's process, the same way."
+        )
     t = Table(title=title, caption=caption)
     for header, _ in columns:
         t.add_column(header, no_wrap=header in ("norm", "optimizer"))
@@ -786,6 +813,7 @@ def progress_display():
 
 class DatasetName(StrEnum):
     cifar10 = "cifar10"
+    cifar100 = "cifar100"
     cifar10_c = "cifar10-c"
 
 
@@ -799,7 +827,7 @@ def data_prepare(
     ] = 0,
     device: Annotated[str | None, typer.Option(help="Device that generates corruptions.")] = None,
 ) -> None:
-    """Decode CIFAR-10 once into the cache, or prepare CIFAR-10-C.
+    """Decode CIFAR-10 or CIFAR-100 once into the cache, or prepare CIFAR-10-C.
 
     cifar10-c: the official files in the data directory, else all 19 x 5 generated into the cache.
     """

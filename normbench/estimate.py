@@ -34,7 +34,7 @@ from normbench.corruptions import ALL as CORRUPTIONS_ALL
 from normbench.corruptions import SEVERITIES
 from normbench.data import random_crop, random_flip
 from normbench.normspeed import MIN_REPETITION_SECONDS, build_model, training_batch
-from normbench.optim import create_optimizer
+from normbench.optim import create_optimizer, training_step
 from normbench.runtime import autocast, autocast_dtype, synchronize
 from normbench.store import Metric, Run, RunStatus, Store
 from normbench.suites import RunSpec
@@ -225,7 +225,8 @@ def calibrate(
     seconds: float = CALIBRATION_SECONDS,
 ) -> Rates:
     """Rates measured on random data: training steps of the budget's model with the run's norm
-    and optimizer at the budget's batch size and precision, then inference batches."""
+    and optimizer (both passes of a two-pass one) at the budget's batch size and precision, then
+    inference batches."""
     s = spec.settings
     dtype = autocast_dtype(s["precision"], device)
     model = build_model(s["model"], spec.norm, num_classes, device, **s["model_args"])
@@ -240,11 +241,13 @@ def calibrate(
         batch = random_crop(images, padding, generator) if padding else images
         batch = random_flip(batch, generator) if flip else batch
         x = batch.float().div(255).contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            loss = F.cross_entropy(model(x), labels, label_smoothing=s["label_smoothing"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+        def forward() -> tuple[torch.Tensor, torch.Tensor]:
+            with autocast(device, dtype):
+                out = model(x)
+                return out, F.cross_entropy(out, labels, label_smoothing=s["label_smoothing"])
+
+        training_step(optimizer, forward)  # both passes for a two-pass optimizer
 
     step = _seconds_per_call(train_step, device, warmup=2, budget=seconds)
     # Inference at the evaluation batch size, capped so that calibration stays short.

@@ -28,6 +28,10 @@ TRAIN_THROUGHPUT = "train_images_per_s"  # steady state, warm-up steps excluded
 # the interquartile range of the pairs' ratios. Machine load slows both sides alike.
 SPEED_VS_BN = "speed_vs_batchnorm"
 SPEED_VS_BN_IQR = "speed_vs_batchnorm_iqr"
+# Training images/s with the run's two-pass optimizer / with its base optimizer, same model, side
+# by side in the run's process (about 0.5: two forward/backward passes per step).
+SPEED_VS_BASE_OPTIMIZER = "speed_vs_base_optimizer"
+SPEED_VS_BASE_OPTIMIZER_IQR = "speed_vs_base_optimizer_iqr"
 EVAL_THROUGHPUT = "eval_images_per_s"  # steady state, first batch excluded
 TRAIN_TIME = "train_time_s"  # seconds spent in training steps (evaluation excluded)
 WALL_TIME = "wall_time_s"  # seconds from start to end of the run, data loading included

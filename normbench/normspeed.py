@@ -8,7 +8,9 @@ the median over the pairs with the interquartile range of the pairs' ratios as i
 models are timed as they train: channels_last memory format, the precision's autocast dtype,
 forward and backward passes of a cross-entropy loss.
 
-Every run measures its own model configuration this way when it ends (``runners/classify.py``);
+Every run measures its own model configuration this way when it ends (``runners/classify.py``),
+and a run with a two-pass optimizer also times its optimizer against its base optimizer the
+same way (``interleaved`` takes any two training-step functions);
 ``normbench bench norms`` measures a table of norms in one fixed network (ResNet-20).
 
 Memory in the table: on CUDA the peak allocated memory of one training step; on the CPU (where
@@ -89,21 +91,44 @@ def side_by_side(
     """Time training steps of ``candidate`` and ``reference`` (two distinct models) on the same
     batch in ``pairs`` interleaved pairs of repetitions; the ratio is candidate / reference
     images/s."""
-    if pairs < 2:
-        raise ValueError("side_by_side needs at least 2 pairs of repetitions")
     if candidate is reference:
         raise ValueError("time two distinct models (build the reference a second time)")
-    device = x.device
+    return interleaved(
+        lambda steps: _train_steps(candidate, x, y, dtype, steps),
+        lambda steps: _train_steps(reference, x, y, dtype, steps),
+        len(x),
+        x.device,
+        pairs=pairs,
+        min_seconds=min_seconds,
+        clock=clock,
+    )
 
-    def seconds_per_step(model: nn.Module, steps: int) -> float:
+
+def interleaved(
+    candidate: Callable[[int], None],
+    reference: Callable[[int], None],
+    batch_size: int,
+    device: torch.device,
+    *,
+    pairs: int = PAIRS,
+    min_seconds: float = MIN_REPETITION_SECONDS,
+    clock: Callable[[], float] = time.perf_counter,
+) -> SideBySide:
+    """Time ``candidate(steps)`` and ``reference(steps)`` (each runs that many training steps of
+    ``batch_size`` images) in ``pairs`` interleaved pairs of repetitions; the ratio is candidate /
+    reference images/s."""
+    if pairs < 2:
+        raise ValueError("side_by_side needs at least 2 pairs of repetitions")
+
+    def seconds_per_step(run: Callable[[int], None], steps: int) -> float:
         synchronize(device)
         start = clock()
-        _train_steps(model, x, y, dtype, steps)
+        run(steps)
         synchronize(device)
         return (clock() - start) / steps
 
-    for model in (candidate, reference):
-        _train_steps(model, x, y, dtype, 1)  # warm-up: allocation and kernel selection
+    for run in (candidate, reference):
+        run(1)  # warm-up: allocation and kernel selection
     # One more step each (warm-up too) sizes the repetitions.
     slowest = max(seconds_per_step(candidate, 1), seconds_per_step(reference, 1))
     steps = max(1, math.ceil(min_seconds / slowest)) if slowest > 0 else 1
@@ -119,12 +144,11 @@ def side_by_side(
             ours.append(seconds_per_step(candidate, steps))
     ratios = [t_ref / t for t, t_ref in zip(ours, theirs, strict=True)]
     q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    batch = len(x)
     return SideBySide(
         ratio=statistics.median(ratios),
         iqr=q3 - q1,
-        images_per_s=batch / statistics.median(ours),
-        reference_images_per_s=batch / statistics.median(theirs),
+        images_per_s=batch_size / statistics.median(ours),
+        reference_images_per_s=batch_size / statistics.median(theirs),
         pairs=pairs,
         steps=steps,
     )

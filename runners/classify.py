@@ -28,8 +28,15 @@ from normbench.data import NORMALIZATION, TensorLoader, load_dataset
 from normbench.metrics import Evaluation, MetricRow
 from normbench.models import conv_norm_factory, create_model, parameter_count
 from normbench.norms import norm_source_sha256
-from normbench.normspeed import REFERENCE, build_model, side_by_side, training_batch
-from normbench.optim import create_optimizer, lr_factor
+from normbench.normspeed import REFERENCE, build_model, interleaved, side_by_side, training_batch
+from normbench.optim import (
+    NonFiniteStep,
+    SharpnessAware,
+    create_optimizer,
+    hparam_shares,
+    lr_factor,
+    training_step,
+)
 from normbench.robustness import aggregate_rows
 from normbench.runtime import RunMemory, autocast, autocast_dtype, synchronize
 from normbench.suites import RunSpec
@@ -181,6 +188,37 @@ def speed_vs_batchnorm(
     ]
 
 
+def speed_vs_base_optimizer(
+    spec: RunSpec, device: torch.device, dtype: torch.dtype | None, image_shape, num_classes: int
+) -> list[MetricRow]:
+    """Training steps of the run's model with its two-pass optimizer against the same model with
+    the base optimizer, in interleaved repetitions in this process: the cost of the second pass
+    as a ratio that machine load does not skew."""
+    s = spec.settings
+    base, _, base_hparams = hparam_shares(spec.optimizer, spec.hparams)[-1]
+    x, y = training_batch(s["batch_size"], tuple(image_shape), num_classes, device)
+    steps = []
+    for optimizer_name, hparams in ((spec.optimizer, spec.hparams), (base, base_hparams)):
+        model = build_model(s["model"], spec.norm, num_classes, device, **s["model_args"])
+        optimizer = create_optimizer(optimizer_name, model, **hparams)
+
+        def forward(model=model) -> tuple[torch.Tensor, torch.Tensor]:
+            with autocast(device, dtype):
+                out = model(x)
+                return out, F.cross_entropy(out, y)
+
+        def train(n: int, optimizer=optimizer, forward=forward) -> None:
+            for _ in range(n):
+                training_step(optimizer, forward)
+
+        steps.append(train)
+    speed = interleaved(*steps, len(x), device, pairs=s["speed_pairs"])
+    return [
+        MetricRow(M.SPEED_VS_BASE_OPTIMIZER, speed.ratio, "train"),
+        MetricRow(M.SPEED_VS_BASE_OPTIMIZER_IQR, speed.iqr, "train"),
+    ]
+
+
 def _run(
     spec: RunSpec,
     device: torch.device,
@@ -249,6 +287,8 @@ def _run(
         "test_examples": len(test_set),
         "data_source": train_set.source,
     }
+    if isinstance(optimizer, SharpnessAware):
+        result.info["two_pass"] = optimizer.describe()
     progress.on_start(s["epochs"] - start_epoch, steps_per_epoch)
     warmup = min(WARMUP_STEPS, steps_per_epoch // 4)
     evaluation: Evaluation | None = None
@@ -271,16 +311,18 @@ def _run(
             )
             for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
                 group["lr"] = peak * factor
-            with autocast(device, dtype):
-                out = model(x)
-                loss = F.cross_entropy(out, y, label_smoothing=s["label_smoothing"])
-            if not torch.isfinite(loss).item():
+
+            def forward(x=x, y=y) -> tuple[torch.Tensor, torch.Tensor]:
+                with autocast(device, dtype):
+                    out = model(x)
+                    return out, F.cross_entropy(out, y, label_smoothing=s["label_smoothing"])
+
+            try:
+                out, loss = training_step(optimizer, forward)
+            except NonFiniteStep as err:
                 result.status, result.diverged_step = "diverged", step
-                result.reason = f"non-finite training loss ({loss.item()}) at step {step}"
+                result.reason = f"{err} at step {step}"
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
             losses.append(loss.detach())
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
@@ -352,5 +394,10 @@ def _run(
             rows += speed_vs_batchnorm(spec, device, dtype, shape, classes)
         except torch.OutOfMemoryError:  # the trained run stands; only its speed ratio is missing
             result.info["speed_vs_batchnorm"] = "not measured: out of memory"
+        if "two_pass" in result.info:
+            try:
+                rows += speed_vs_base_optimizer(spec, device, dtype, shape, classes)
+            except (torch.OutOfMemoryError, NonFiniteStep) as err:  # random data, tiny batch
+                result.info["speed_vs_base_optimizer"] = f"not measured: {err}"
     result.metrics = rows
     return result

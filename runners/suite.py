@@ -51,6 +51,7 @@ from normbench.errors import NormbenchError
 from normbench.estimate import Estimate, Rates, RunClock
 from normbench.metrics import MetricRow
 from normbench.norms import NORMS, norm_class, parse_norm_name
+from normbench.optim import OPTIMIZERS, TWO_PASS
 from normbench.progress import format_duration
 from normbench.runtime import provenance
 from normbench.store import ClaimLost, RunStatus, Skip, Store
@@ -220,8 +221,9 @@ def estimate_runs(
             basis = f"from {n} earlier run{'s' if n > 1 else ''}"
         else:
             s = spec.settings
+            two_pass = OPTIMIZERS.info(spec.optimizer).has(TWO_PASS)  # twice the work per step
             key = (spec.dataset, spec.norm, s["model"], repr(s["model_args"]), s["batch_size"],
-                   s["eval_batch_size"], s["precision"])  # fmt: skip
+                   s["eval_batch_size"], s["precision"], two_pass)  # fmt: skip
             if key not in calibrated:
                 calibrated[key] = _calibrate(spec, device, d)
             rates, basis = calibrated[key]

@@ -3,7 +3,9 @@
 The rule (``normbench.models``): a block built for a norm with the ``act`` capability uses the
 norm's nonlinearity instead of the model's, and the last norm of a residual branch is built
 without it. Checked on the order of what a forward pass executes, outside the norms: the norms'
-outputs, every ReLU/GELU (module or functional) and every residual addition.
+outputs, every ReLU/GELU (module or functional), every convolution and every residual addition.
+In a pre-activation model (the Wide ResNets) a convolution, not a norm, precedes each addition,
+so there every norm keeps its nonlinearity.
 """
 
 import sys
@@ -33,7 +35,7 @@ ACTIVATIONS = {"relu", "relu_", "gelu"}
 
 
 class _Trace(TorchFunctionMode):
-    """Records activations and additions executed outside any norm layer."""
+    """Records activations, convolutions and additions executed outside any norm layer."""
 
     def __init__(self, events: list, depth: list) -> None:
         super().__init__()
@@ -44,6 +46,8 @@ class _Trace(TorchFunctionMode):
         if not self.depth[0]:
             if name in ACTIVATIONS:
                 self.events.append(("act", name))
+            elif name == "conv2d":
+                self.events.append(("conv", None))
             elif name in ("add", "__add__", "add_", "__iadd__"):
                 self.events.append(("add", None))
         return func(*args, **(kwargs or {}))
@@ -51,7 +55,7 @@ class _Trace(TorchFunctionMode):
 
 def forward_events(model: nn.Module, norm_classes=NORM_CLASSES, size: int = 16) -> list:
     """What a forward pass of ``model`` executes outside its norms, in order: ("norm", module),
-    ("act", name), ("add", None)."""
+    ("act", name), ("conv", None), ("add", None)."""
     events, depth, handles = [], [0], []
 
     def enter(module, args):
@@ -95,10 +99,16 @@ def test_no_activation_follows_a_norm_with_its_own_and_the_pre_add_norm_has_none
         assert module.apply_act == (after != "add"), (module, after)
     blocks = [m for m in net.modules() if isinstance(m, BasicBlock)]
     assert sum(after == "add" for _, after in pairs) == len(blocks)
-    # The activation after the addition is the model's own.
+    # After the addition comes the model's own activation in a post-activation block; in a
+    # pre-activation one the sum goes into the next norm, with the norm's own nonlinearity.
     events = forward_events(net)
     adds = [i for i, (kind, _) in enumerate(events) if kind == "add"]
-    assert all(events[i + 1] == ("act", "relu") for i in adds)
+    for i in adds:
+        kind, after = events[i + 1]
+        if blocks:
+            assert (kind, after) == ("act", "relu")
+        else:
+            assert kind == "norm" and after.apply_act, (kind, after)
 
 
 @pytest.mark.parametrize("model", HOSTS)

@@ -27,8 +27,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from normbench.errors import NormbenchError, SuiteError
 from normbench.models import MODELS, check_model_supports, conv_norm_factory
-from normbench.norms import NORMS
-from normbench.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_RULE
+from normbench.norms import NORMS, affine_parameters, norm_class
+from normbench.optim import (
+    NORM_AFFINE_ONLY,
+    OPTIMIZERS,
+    SCHEDULES,
+    WEIGHT_DECAY_RULE,
+    hparam_shares,
+    optimizer_options,
+)
 from normbench.registry import Registry
 from normbench.suite_catalog import BUDGETS, BUILTIN_DIR, MAX_SEED, SUITES
 
@@ -38,7 +45,11 @@ __all__ = [
     "load_suite", "load_suite_file", "plan",
 ]  # fmt: skip
 
-DATASET_NAMES = ("cifar10", "imagenet", "imagenette-mini")
+DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenette-mini")
+
+#: The datasets whose test images each corruption set corrupts: a suite's corruption set is
+#: evaluated at the budgets that train on one of them (a CIFAR-100 budget gets no CIFAR-10-C).
+CORRUPTED_DATASETS = {"cifar10-c": ("cifar10",), "imagenet-c": ("imagenet", "imagenette-mini")}
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -90,7 +101,8 @@ class SuiteFile(_Strict):
     optimizers: list[str]
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]]
     reference: Reference
-    corruption_set: Literal["cifar10-c", "imagenet-c"] | None = None  # also evaluate on it
+    # also evaluate on it, at the budgets whose dataset it corrupts (CORRUPTED_DATASETS)
+    corruption_set: Literal["cifar10-c", "imagenet-c"] | None = None
     budgets: dict[Literal[BUDGETS], Budget]  # type: ignore[valid-type]
 
 
@@ -126,14 +138,38 @@ def _check_name(registry: Registry, name: str, path: Path, key: str) -> None:
 
 
 def _check_hparams(path: Path, key: str, optimizer: str, hparams: dict[str, Any]) -> None:
-    builder = OPTIMIZERS.get(optimizer).obj
+    """Check ``hparams`` of ``optimizer`` against its builder's keyword arguments; a wrapper's
+    (``sam``...) own ones first, then the rest against its base optimizer's."""
+    try:
+        shares = hparam_shares(optimizer, hparams)
+    except NormbenchError as err:
+        raise SuiteError(f"{path}: {key}.base: {err}") from None
+    wrapper = len(shares) > 1
+    for i, (name, builder, share) in enumerate(shares):
+        last = i == len(shares) - 1
+        _check_builder_hparams(path, key, name, builder, share, wrapper and last, shares[0][0])
+
+
+def _check_builder_hparams(
+    path: Path,
+    key: str,
+    optimizer: str,
+    builder: Any,
+    hparams: dict[str, Any],
+    is_base: bool,
+    wrapper: str,
+) -> None:
     params = inspect.signature(builder).parameters
     allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     for hp in hparams:
         if hp not in allowed:
+            what = f"optimizer {optimizer!r}"
+            if is_base:
+                own = list(optimizer_options(wrapper))
+                what = f"{wrapper!r} with base optimizer {optimizer!r} (allowed: {', '.join(own)})"
             raise SuiteError(
-                f"{path}: {key}.{hp}: unknown hyper-parameter for optimizer {optimizer!r}; "
-                f"allowed: {', '.join(allowed)}."
+                f"{path}: {key}.{hp}: unknown hyper-parameter for {what}; "
+                f"allowed{' for the base' if is_base else ''}: {', '.join(allowed)}."
             )
     missing = [
         n for n in allowed if params[n].default is inspect.Parameter.empty and n not in hparams
@@ -142,9 +178,9 @@ def _check_hparams(path: Path, key: str, optimizer: str, hparams: dict[str, Any]
         raise SuiteError(
             f"{path}: {key}: missing required hyper-parameter(s) {', '.join(missing)}."
         )
-    # Type-check against the builder's annotations (JSON mode: TOML arrays may fill tuples, but a
-    # string is never silently turned into a number).
-    hints = typing.get_type_hints(builder)
+    # Type-check against the builder's annotations, constraints included (rho > 0). JSON mode:
+    # TOML arrays may fill tuples, but a string is never silently turned into a number.
+    hints = typing.get_type_hints(builder, include_extras=True)
     fields: dict[str, Any] = {n: (hints.get(n, Any), params[n].default) for n in allowed}
     for n in allowed:
         if params[n].default is inspect.Parameter.empty:
@@ -308,6 +344,18 @@ class RunSpec:
         }
 
 
+def _has_affine(norm: str) -> bool:
+    """Whether ``norm``'s layers have affine parameters: a small block is built on the CPU. A
+    submitted norm (a placeholder here, its code runs only in workers) is checked by its run."""
+    if getattr(norm_class(NORMS.get(norm).obj), "deferred", False):
+        return True
+    try:
+        block = conv_norm_factory(norm)(64, 64, 3, 1)
+    except Exception:  # noqa: BLE001 - the run builds the model and reports what is wrong
+        return True
+    return bool(affine_parameters(block))
+
+
 def plan(
     suite: Suite,
     budget: str,
@@ -326,7 +374,14 @@ def plan(
         # Refused up front, so a suite never stops halfway on a combination that cannot run.
         check_model_supports(b.model, conv_norm_factory(norm))
     for opt in optimizers:
-        OPTIMIZERS.get(opt)
+        if OPTIMIZERS.get(opt).info.has(NORM_AFFINE_ONLY):
+            for norm in norms:
+                if not _has_affine(norm):
+                    raise NormbenchError(
+                        f"Optimizer {opt!r} perturbs only the norms' affine parameters, and norm "
+                        f"{norm!r} has none: the pair would be its base optimizer under another "
+                        f"name. Leave {norm!r} out (--norms) or {opt!r} out (--optimizers)."
+                    )
         if opt not in b.optimizers:
             raise NormbenchError(
                 f"Suite {suite.name!r} gives no hyper-parameters for optimizer {opt!r} at budget "
@@ -334,7 +389,8 @@ def plan(
                 f"[budgets.{budget}.optimizers.{opt}] table to {suite.path}."
             )
     settings = b.model_dump(exclude={"optimizers"})
-    if suite.spec.corruption_set:
+    dataset = b.dataset or suite.spec.dataset
+    if dataset in CORRUPTED_DATASETS.get(suite.spec.corruption_set, ()):
         settings["corruption_set"] = suite.spec.corruption_set
     return [
         RunSpec(
@@ -342,7 +398,7 @@ def plan(
             budget=budget,
             protocol_version=suite.spec.protocol_version,
             task=suite.spec.task,
-            dataset=b.dataset or suite.spec.dataset,
+            dataset=dataset,
             norm=norm,
             optimizer=opt,
             seed=seed,
