@@ -5,11 +5,12 @@ norms the model refuses and bad model arguments."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import invoke, tiny_suite
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from normbench import models
-from normbench.errors import NormbenchError
+from normbench.errors import NormbenchError, SuiteError
 from normbench.models import (
     CONV_BLOCKS,
     MODELS,
@@ -22,6 +23,7 @@ from normbench.models import (
     parameter_count,
 )
 from normbench.norms import ACT, NORMS, OWNS_CONV, affine_parameters
+from normbench.suites import load_suite_file
 
 WRNS = ("wideresnet", "wrn16_8", "wrn28_10")
 SMALL = {"depth": 10, "widen_factor": 1}  # WRN-10-1: one block per group, 16-16-32-64 channels
@@ -257,3 +259,26 @@ def test_norm_affine_parameters_are_a_tiny_fraction_of_a_wrn():
     assert len(affine) == 2 * (2 * 6 + 1)
     assert sum(p.numel() for p in affine) == 2 * norm_channels == 7200
     assert sum(p.numel() for p in affine) / parameter_count(net) < 0.01
+
+
+@pytest.mark.parametrize(
+    ("model_args", "message"),
+    [
+        (
+            "{ depth = 27, widen_factor = 2 }",
+            "budgets.smoke.model_args: model 'wideresnet' refuses",
+        ),
+        ("{ depth = 16, widen = 2 }", "budgets.smoke.model_args.widen: unknown argument"),
+    ],
+)
+def test_a_suite_with_bad_model_args_stops_before_anything_trains(tmp_path, model_args, message):
+    text = tiny_suite(tmp_path).read_text()
+    text = text.replace('model = "fastnet"', 'model = "wideresnet"')
+    text = text.replace("model_args = { widths = [8, 8, 8, 8] }", f"model_args = {model_args}")
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(SuiteError, match=message):
+        load_suite_file(path)
+    result = invoke("run", f"--suite={path}", "--budget=smoke", f"--db={tmp_path / 'r.db'}")
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert not (tmp_path / "r.db").exists()

@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from normbench.errors import NormbenchError, SuiteError
-from normbench.models import MODELS, check_model_supports, conv_norm_factory
+from normbench.models import MODELS, check_model_supports, conv_norm_factory, create_model
 from normbench.norms import NORMS, affine_parameters, norm_class
 from normbench.optim import (
     NORM_AFFINE_ONLY,
@@ -195,6 +195,25 @@ def _check_builder_hparams(
         raise SuiteError(f"{path}: {key}.{_location(e['loc'])}: {e['msg']}.") from None
 
 
+def _check_model_args(path: Path, key: str, model: str, model_args: dict[str, Any]) -> None:
+    """Check ``model_args`` against the model's builder: names, then values, by building the
+    model on the meta device (no memory, no computation), so that a bad ``depth`` stops the
+    command before anything trains instead of failing every run."""
+    params = inspect.signature(MODELS.get(model).obj).parameters
+    allowed = [n for n in params if n not in ("block", "num_classes")]
+    unknown = [n for n in model_args if n not in allowed]
+    if unknown:
+        raise SuiteError(
+            f"{path}: {key}.{unknown[0]}: unknown argument of model {model!r}; it takes "
+            f"{', '.join(allowed) or 'none'}."
+        )
+    try:
+        with torch.device("meta"):
+            create_model(model, block=conv_norm_factory("batchnorm"), num_classes=10, **model_args)
+    except (NormbenchError, TypeError, ValueError) as err:
+        raise SuiteError(f"{path}: {key}: model {model!r} refuses {model_args}: {err}") from None
+
+
 def load_suite_file(path: Path) -> Suite:
     """Read and validate a suite file; every problem is a ``SuiteError`` naming file and key."""
     try:
@@ -223,6 +242,7 @@ def load_suite_file(path: Path) -> Suite:
     _check_name(OPTIMIZERS, spec.reference.optimizer, path, "reference.optimizer")
     for bname, budget in spec.budgets.items():
         _check_name(MODELS, budget.model, path, f"budgets.{bname}.model")
+        _check_model_args(path, f"budgets.{bname}.model_args", budget.model, budget.model_args)
         for opt, hparams in budget.optimizers.items():
             _check_name(OPTIMIZERS, opt, path, f"budgets.{bname}.optimizers.{opt}")
             _check_hparams(path, f"budgets.{bname}.optimizers.{opt}", opt, hparams)
