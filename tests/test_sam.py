@@ -342,3 +342,41 @@ def test_the_sam_on_smoke_suite_ranks_two_pass_runs_with_their_cost(cifar_dir, t
         assert run.provenance["two_pass"]["second_pass_stats"] == "update"
     table = invoke("leaderboard", "--suite=sam-on", "--budget=smoke", f"--db={db}")
     assert "train speed vs base optimizer" in " ".join(table.output.split())
+
+
+def test_the_protocol_states_the_two_pass_step_and_the_statistics_mode(tmp_path):
+    specs = {s.optimizer: s for s in plan(load_suite("sam-on"), "smoke", norms=["batchnorm"])}
+    assert "two_pass_step" not in specs["sgd"].protocol
+    assert specs["sam_on"].protocol["second_pass_running_statistics"].startswith("updated")
+    frozen = suite_with(tmp_path, 'lr = 0.1, second_pass_stats = "freeze"')
+    spec = plan(load_suite(str(frozen)), "smoke", optimizers=["sam"])[0]
+    assert spec.protocol["second_pass_running_statistics"].startswith("frozen")
+
+
+def test_both_passes_run_under_bfloat16_autocast_and_the_restore_stays_exact():
+    model = tiny_net()
+    x, y = batch()
+    opt = create_optimizer("sam_on", model, lr=0.1)
+    before = snapshot(model)
+    seen = []
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+            seen.append(out.dtype)
+            return out, F.cross_entropy(out, y)
+
+    restored = {}
+    base_step = opt.base.step
+
+    def checked_step(*args, **kwargs):
+        restored["params"] = snapshot(model)
+        return base_step(*args, **kwargs)
+
+    opt.base.step = checked_step
+    training_step(opt, forward)
+    assert seen == [torch.bfloat16, torch.bfloat16]  # two passes, both in bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for old, now in zip(before, restored["params"], strict=True):
+        assert torch.equal(old, now)
+    assert any(not torch.equal(old, p) for old, p in zip(before, model.parameters(), strict=True))

@@ -32,6 +32,7 @@ from normbench.optim import (
     NORM_AFFINE_ONLY,
     OPTIMIZERS,
     SCHEDULES,
+    TWO_PASS,
     WEIGHT_DECAY_RULE,
     hparam_shares,
     optimizer_options,
@@ -361,6 +362,25 @@ class RunSpec:
             "train_transforms": "random crop (zero padding) + horizontal flip, batched on device",
             "eval_transforms": "none (32x32 input), normalized by the training-set mean and std",
             "label": f"{self.norm} + {self.optimizer}",
+        } | self._two_pass_protocol()
+
+    def _two_pass_protocol(self) -> dict[str, Any]:
+        if not OPTIMIZERS.info(self.optimizer).has(TWO_PASS):
+            return {}
+        options = optimizer_options(self.optimizer)
+        stats = self.hparams.get("second_pass_stats", options["second_pass_stats"])
+        base = self.hparams.get("base", options["base"])
+        return {
+            "two_pass_step": (
+                f"forward/backward; ascent of radius rho on the selected parameters; forward/"
+                f"backward on the same batch at the perturbed point; exact restore; a {base} "
+                "step with the second gradient; training mode in both passes"
+            ),
+            "second_pass_running_statistics": (
+                "updated (they move twice per step)"
+                if stats == "update"
+                else "frozen (restored after the second pass)"
+            ),
         }
 
 
