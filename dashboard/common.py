@@ -80,6 +80,12 @@ def run_detail(url: str, run_id: int) -> D.RunDetail | None:
     return D.run_detail(engine(url), run_id)
 
 
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def two_pass(url: str, run_id: int) -> D.TwoPass | None:
+    detail = run_detail(url, run_id)
+    return None if detail is None else D.two_pass(engine(url), detail)
+
+
 def sidebar_selection(url: str) -> Selection:
     """The sidebar filters; every page reads the same selection."""
     options = choices(url)

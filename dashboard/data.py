@@ -29,7 +29,7 @@ from normbench.errors import NormbenchError
 from normbench.leaderboard import REFERENCE_NORM, Selection, leaderboard
 from normbench.robustness import CORRUPTION_ACCURACY, MCE, RELATIVE_MCE
 from normbench.store import schema_revisions
-from normbench.store.models import CurvePoint, Metric, NormSpeed, Run, Submission
+from normbench.store.models import CurvePoint, Metric, NormSpeed, Run, RunStatus, Submission
 
 #: The prefix of norms that came in through ``normbench submit``.
 SUBMISSION_PREFIX = "submission/"
@@ -299,6 +299,103 @@ def run_detail(engine: Engine, run_id: int) -> RunDetail | None:
         pd.DataFrame(metric_rows, columns=["name", "split", "corruption", "severity", "value"]),
         pd.DataFrame(curve_rows, columns=["epoch", "name", "value"]),
     )
+
+
+@dataclass(frozen=True)
+class BaseRun:
+    """The finished run of the same suite, budget, protocol version, dataset, model, norm and seed
+    that trained with a two-pass optimizer's base optimizer."""
+
+    id: int
+    accuracy: float | None
+    images_per_s: float | None
+
+
+@dataclass(frozen=True)
+class TwoPass:
+    """What a run of a two-pass (sharpness-aware) optimizer recorded of its second pass; None
+    where it recorded nothing."""
+
+    base: str | None
+    rho: float | None
+    adaptive: bool | None  # ASAM: the ascent scaled by each weight's magnitude
+    perturbed: str | None
+    perturbed_parameters: int | None
+    perturbed_fraction: float | None
+    second_pass_stats: str | None
+    speed: float | None  # training images/s with it / with the base optimizer, side by side
+    speed_iqr: float | None
+    speed_note: str | None  # why the run could not measure the speed, when it says
+    accuracy: float | None
+    images_per_s: float | None
+    base_run: BaseRun | None
+
+
+def two_pass(engine: Engine, detail: RunDetail) -> TwoPass | None:
+    """The two-pass facts of a run whose provenance has ``two_pass`` (else None), with the run
+    of its base optimizer for comparison when one finished."""
+    run = detail.run
+    info = (run.get("provenance") or {}).get("two_pass")
+    if not isinstance(info, dict):
+        return None
+    hparams = (run.get("config") or {}).get("hparams") or {}
+    base = info.get("base") or hparams.get("base")
+    note = run["provenance"].get(M.SPEED_VS_BASE_OPTIMIZER)
+    return TwoPass(
+        base=base,
+        rho=info.get("rho", hparams.get("rho")),
+        adaptive=info.get("adaptive"),
+        perturbed=info.get("perturbed"),
+        perturbed_parameters=info.get("perturbed_parameters"),
+        perturbed_fraction=info.get("perturbed_fraction"),
+        second_pass_stats=info.get("second_pass_stats"),
+        speed=_metric(detail.metrics, M.SPEED_VS_BASE_OPTIMIZER, "train"),
+        speed_iqr=_metric(detail.metrics, M.SPEED_VS_BASE_OPTIMIZER_IQR, "train"),
+        speed_note=note if isinstance(note, str) else None,
+        accuracy=_metric(detail.metrics, M.ACCURACY, "test"),
+        images_per_s=_metric(detail.metrics, M.TRAIN_THROUGHPUT, "train"),
+        base_run=None if base is None else base_run(engine, run, base),
+    )
+
+
+def base_run(engine: Engine, run: dict, base: str) -> BaseRun | None:
+    """The newest finished run like ``run`` (a row of the runs table) but with optimizer
+    ``base``, with its clean test accuracy and own training throughput."""
+    same = [getattr(Run, key) == run[key] for key in _SAME_EXPERIMENT]
+    query = (
+        select(Run.id)
+        .where(*same, Run.optimizer == base, Run.status == RunStatus.finished)
+        .order_by(Run.updated_at.desc(), Run.id.desc())
+        .limit(1)
+    )
+    with engine.connect() as conn:
+        run_id = conn.scalar(query)
+        if run_id is None:
+            return None
+        rows = conn.execute(
+            select(
+                Metric.name, Metric.split, Metric.corruption, Metric.severity, Metric.value
+            ).where(Metric.run_id == run_id, Metric.name.in_([M.ACCURACY, M.TRAIN_THROUGHPUT]))
+        ).all()
+    metrics = pd.DataFrame(rows, columns=["name", "split", "corruption", "severity", "value"])
+    return BaseRun(
+        run_id, _metric(metrics, M.ACCURACY, "test"), _metric(metrics, M.TRAIN_THROUGHPUT, "train")
+    )
+
+
+#: What a run and the run of its base optimizer share.
+_SAME_EXPERIMENT = ("suite", "budget", "protocol_version", "dataset", "model", "norm", "seed")
+
+
+def _metric(metrics: pd.DataFrame, name: str, split: str) -> float | None:
+    """A whole-split metric (no corruption) of a run's metric rows, or None."""
+    rows = metrics[
+        (metrics.name == name)
+        & (metrics.split == split)
+        & (metrics.corruption == "")
+        & (metrics.severity == 0)
+    ]
+    return None if rows.empty else float(rows.value.iloc[0])
 
 
 @dataclass(frozen=True)

@@ -423,3 +423,138 @@ def test_a_database_that_goes_bad_while_the_app_runs_is_an_error_message(monkeyp
     at.run()
     assert not at.exception and f"The results database {db} is damaged" in at.error[0].value
     assert at.title[0].value == "normbench leaderboard"
+
+
+# --- two-pass (sharpness-aware) optimizers --------------------------------------------------
+
+SPEED_VS_BASE = "train speed vs base optimizer"
+SAM_ON = {"lr": 0.2, "momentum": 0.9, "rho": 0.5}
+
+
+def sam_on_record(norm: str) -> dict:
+    """What a sam_on run records of its optimizer: the real optimizer's own description."""
+    import torch
+
+    from normbench.normspeed import build_model
+    from normbench.optim import create_optimizer
+
+    model = build_model("fastnet", norm, 10, torch.device("cpu"), widths=[8, 8, 8, 8])
+    return create_optimizer("sam_on", model, **SAM_ON).describe()
+
+
+@pytest.fixture(scope="module")
+def two_pass_db(tmp_path_factory) -> tuple[Path, dict[str, int], dict]:
+    """A sam-on board written through the store as runs write it: batchnorm with sgd and with
+    sam_on (its speed vs sgd measured), layernorm with sam_on whose speed check ran out of memory
+    and no sgd run; and a cifar10 board of sgd only, whose batchnorm run is newer and more
+    accurate than the sam-on board's. Returns the file, the run ids and sam_on's record."""
+    from normbench import metrics as M
+    from normbench.metrics import MetricRow
+    from normbench.store import RunStatus, open_store
+
+    path = tmp_path_factory.mktemp("two-pass") / "results.db"
+    record = sam_on_record("batchnorm")
+    runs = {
+        "sgd": ("sam-on", "batchnorm", "sgd", {}, [(M.ACCURACY, 0.6012, "test"),
+                (M.TRAIN_THROUGHPUT, 2000.0, "train"), (M.SPEED_VS_BN, 1.0, "train")]),
+        "sam_on": ("sam-on", "batchnorm", "sam_on", {"two_pass": record}, [
+                   (M.ACCURACY, 0.6234, "test"), (M.TRAIN_THROUGHPUT, 1100.0, "train"),
+                   (M.SPEED_VS_BN, 1.0, "train"), (M.SPEED_VS_BASE_OPTIMIZER, 0.52, "train"),
+                   (M.SPEED_VS_BASE_OPTIMIZER_IQR, 0.03, "train")]),
+        "unmeasured": ("sam-on", "layernorm", "sam_on", {
+                       "two_pass": sam_on_record("layernorm"),
+                       M.SPEED_VS_BASE_OPTIMIZER: "not measured: out of memory"},
+                       [(M.ACCURACY, 0.55, "test"), (M.TRAIN_THROUGHPUT, 900.0, "train")]),
+        "other suite": ("cifar10", "batchnorm", "sgd", {}, [(M.ACCURACY, 0.7, "test"),
+                        (M.TRAIN_THROUGHPUT, 3000.0, "train"), (M.SPEED_VS_BN, 1.0, "train")]),
+    }  # fmt: skip
+    store, ids = open_store(f"sqlite:///{path}"), {}
+    for key, (suite, norm, optimizer, provenance, metrics) in runs.items():
+        hparams = SAM_ON if optimizer == "sam_on" else {"lr": 0.2, "momentum": 0.9}
+        spec = {"suite": suite, "budget": "smoke", "protocol_version": 1, "task": "classify",
+                "dataset": "cifar10", "norm": norm, "optimizer": optimizer, "seed": 0,
+                "settings": {"model": "fastnet"}, "hparams": hparams}  # fmt: skip
+        ids[key] = store.begin_run(spec, key, device="cpu", provenance={}, config=spec, reset=True)
+        store.finish_run(key, status=RunStatus.finished, metrics=[MetricRow(*m) for m in metrics],
+                         curves=[(1, "train_loss", 1.0)], epochs_done=1,
+                         provenance_update=provenance)  # fmt: skip
+    store.engine.dispose()
+    sqlite3.connect(path).execute("PRAGMA journal_mode=DELETE").connection.close()
+    return path, ids, record
+
+
+def two_pass_app(monkeypatch, db: Path) -> AppTest:
+    at = app(monkeypatch, db)
+    at.selectbox(key="suite").set_value("sam-on").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_leaderboard_shows_a_second_pass_cost_only_where_there_is_one(monkeypatch, two_pass_db):
+    db, _, _ = two_pass_db
+
+    def explained(at: AppTest) -> bool:
+        return any(c.value.startswith(f"{SPEED_VS_BASE}:") for c in at.caption)
+
+    at = app(monkeypatch, db)
+    assert at.selectbox(key="suite").value == "cifar10"  # sgd only: the board as before
+    assert SPEED_VS_BASE not in at.dataframe[0].value and not explained(at)
+
+    at.selectbox(key="suite").set_value("sam-on").run()
+    assert at.multiselect(key="optimizer").options == ["sam_on", "sgd"]
+    table = at.dataframe[0].value.set_index(["norm", "optimizer"])
+    assert table.loc[("batchnorm", "sam_on"), SPEED_VS_BASE] == pytest.approx(0.52)
+    assert table.loc[("batchnorm", "sam_on"), "vs base IQR"] == pytest.approx(0.03)
+    assert table[SPEED_VS_BASE].drop(("batchnorm", "sam_on")).isna().all()
+    assert explained(at)
+
+    at.multiselect(key="optimizer").set_value(["sgd"]).run()
+    assert list(at.dataframe[0].value.optimizer) == ["sgd"]
+    assert SPEED_VS_BASE not in at.dataframe[0].value and not explained(at)
+
+
+def test_run_page_of_a_two_pass_run_states_its_second_pass(monkeypatch, two_pass_db):
+    db, ids, record = two_pass_db
+    at = open_page(two_pass_app(monkeypatch, db), "run")
+    at.selectbox(key="run_page").set_value(ids["sam_on"]).run()
+    assert at.title[0].value == "batchnorm + sam_on, seed 0"
+    assert "Two passes per step" in [s.value for s in at.subheader]
+    facts = markdown(at)
+    count, share = record["perturbed_parameters"], 100 * record["perturbed_fraction"]
+    assert "**base optimizer**: sgd" in facts and "**rho**: 0.5\n" in facts
+    assert f"the norms' affine parameters ({count:,} parameters, {share:.3g}% of" in facts
+    assert "**second pass, running statistics**: update" in facts
+    assert "trains at 0.52x the rate of sgd (IQR 0.03; side by side in this run's process)" in facts
+    # the sgd run of the same board, not the newer one of another suite
+    assert f"**sgd run**: #{ids['sgd']}, clean accuracy 60.12% (this run: 62.34%)" in facts
+    assert (
+        "**own throughput, measured in different runs (noisy)**: 1,100 images/s here, "
+        f"2,000 in run #{ids['sgd']} (0.55x)"
+    ) in facts
+
+    at.button(key="open_base_run").click().run()  # the sgd run's page has no such section
+    assert not at.exception, at.exception
+    assert at.title[0].value == "batchnorm + sgd, seed 0"
+    assert "Two passes per step" not in [s.value for s in at.subheader]
+    assert "base optimizer" not in markdown(at)
+
+
+def test_run_page_says_what_a_two_pass_run_did_not_measure(monkeypatch, two_pass_db):
+    db, ids, _ = two_pass_db
+    at = open_page(two_pass_app(monkeypatch, db), "run")
+    at.selectbox(key="run_page").set_value(ids["unmeasured"]).run()
+    assert not at.exception, at.exception
+    facts = markdown(at)
+    assert "**cost**: not measured (out of memory)" in facts
+    assert "**sgd run**: not measured (no finished run of this suite" in facts
+    assert "images/s here" not in facts and not at.button
+
+
+def test_tradeoffs_page_places_two_pass_runs_by_their_norm(monkeypatch, two_pass_db):
+    db, _, _ = two_pass_db
+    at = open_page(two_pass_app(monkeypatch, db), "tradeoffs")
+    assert len(at.get("vega_lite_chart")) == 2  # no corruption results: speed and parameters
+    note = "a two-pass optimizer's second pass"
+    assert any(note in c.value for c in at.caption)
+    at.selectbox(key="suite").set_value("cifar10").run()
+    assert not any(note in c.value for c in at.caption)

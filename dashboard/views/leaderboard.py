@@ -7,6 +7,7 @@ import streamlit as st
 
 from dashboard import common
 from dashboard.data import RANKINGS
+from normbench import metrics as M
 
 MEDALS = {1: "🥇", 2: "🥈", 3: "🥉"}
 
@@ -67,6 +68,16 @@ if robust:
     view["worst corruption"] = table.get("worst_corruption")
 view["speed vs BN"] = table.speed_vs_batchnorm_mean
 view["speed IQR"] = table.get("speed_vs_batchnorm_iqr_mean")
+# Only boards with a two-pass optimizer (sam...) get its cost; other boards look as they did.
+two_pass = table.get(f"{M.SPEED_VS_BASE_OPTIMIZER}_mean", pd.Series(dtype=float))
+if two_pass.notna().any():
+    view["train speed vs base optimizer"] = two_pass
+    view["vs base IQR"] = table.get(f"{M.SPEED_VS_BASE_OPTIMIZER_IQR}_mean")
+    st.caption(
+        "train speed vs base optimizer: a two-pass optimizer (sam...) timed against its base "
+        "optimizer (sgd, adamw) on the run's model in the run's process, in interleaved "
+        "repetitions (median), mean over seeds; about 0.5x, the second forward/backward pass."
+    )
 view["own images/s"] = table.train_images_per_s_mean
 view["params vs BN"] = table.param_overhead
 view["seeds"] = table.n
@@ -85,6 +96,15 @@ st.dataframe(
             "(median), mean over seeds. Independent of what else the machine was doing.",
         ),
         "speed IQR": st.column_config.NumberColumn(
+            format="%.2f", help="Interquartile range of the interleaved pairs' ratios."
+        ),
+        "train speed vs base optimizer": st.column_config.NumberColumn(
+            format="%.2fx",
+            help="Training images/s with the two-pass optimizer relative to its base optimizer: "
+            "the same model timed both ways side by side in the run's process (median of "
+            "interleaved repetitions), mean over seeds. Empty for single-pass optimizers.",
+        ),
+        "vs base IQR": st.column_config.NumberColumn(
             format="%.2f", help="Interquartile range of the interleaved pairs' ratios."
         ),
         "own images/s": st.column_config.NumberColumn(
