@@ -1,8 +1,10 @@
 """Metric names and the evaluation metrics computed from a model's outputs.
 
-Every stored number is one row ``(run, name, split, corruption, severity) -> value``; the names
-below are the vocabulary the runners write and the leaderboard reads. ``corruption`` is "" and
-``severity`` 0 for rows that are not about a corruption.
+Every stored number is one row ``(run, name, split, corruption, severity, layer, step) -> value``;
+the names below are the vocabulary the runners write and the leaderboard reads. ``corruption`` is
+"" and ``severity`` 0 for rows that are not about a corruption; ``layer`` is a block or layer
+index (0-based, forward order) for the probes' per-layer rows and -1 otherwise; ``step`` is the
+training step a probe measured at (0: at initialization) and -1 for rows about the whole run.
 
 The names are imported by the store and the command line, which do not need torch, so torch and
 torchmetrics are imported only by the functions that compute.
@@ -43,6 +45,43 @@ EPOCHS = "epochs"
 
 ECE_BINS = 15
 
+# Initialization probes (Lubana et al. 2021), task "probe", split "train", at a training step.
+# Per block (layer = block index; the block outputs a model lists in ``probe_blocks()``), the mean
+# over the probe batches and the standard deviation over them:
+PROBE_ACT_VAR = "probe_activation_variance"  # per-channel variance over (N,H,W), channel mean
+PROBE_ACT_VAR_STD = "probe_activation_variance_std"
+PROBE_COSINE = "probe_cosine_similarity"  # average cosine similarity between the batch's samples
+PROBE_COSINE_STD = "probe_cosine_similarity_std"
+PROBE_STABLE_RANK = "probe_stable_rank"  # of the samples' Gram matrix: trace / largest eigenvalue
+PROBE_STABLE_RANK_STD = "probe_stable_rank_std"
+# Per convolution (layer = conv index): Frobenius norm of the loss gradient w.r.t. its output.
+PROBE_GRAD_NORM = "probe_grad_norm"
+PROBE_GRAD_NORM_STD = "probe_grad_norm_std"
+# Whole-model summaries (layer -1) at each probed step.
+PROBE_ACT_GROWTH = "probe_activation_growth"  # last block's variance / first block's
+PROBE_LAST_COSINE = "probe_last_cosine_similarity"
+PROBE_LAST_STABLE_RANK = "probe_last_stable_rank"
+PROBE_GRAD_RATIO = "probe_grad_norm_ratio"  # first convolution's gradient norm / last one's
+PROBE_NONFINITE_LAYER = "probe_nonfinite_layer"  # the block where activations went inf/NaN
+
+# Landscape and internal covariate shift probes (Santurkar et al. 2018) of classify runs with
+# the ``landscape`` option, split "train", at a training step; along the gradient g, at the points
+# w - eta g of the step-size grid:
+LANDSCAPE_LOSS_MIN = "landscape_loss_min"
+LANDSCAPE_LOSS_MAX = "landscape_loss_max"
+LANDSCAPE_GRAD_CHANGE_MIN = "landscape_grad_change_min"  # ||grad L(w - eta g) - grad L(w)||
+LANDSCAPE_GRAD_CHANGE_MAX = "landscape_grad_change_max"
+LANDSCAPE_BETA = "landscape_beta_smoothness"  # max over eta of grad change / ||eta g||
+# Per weight layer (layer index): the gradient before and after the earlier layers' update.
+ICS_L2 = "ics_l2"
+ICS_COSINE = "ics_cosine"
+# Whole-run summaries (step -1): means over the probed steps (and layers, for ICS).
+LANDSCAPE_LOSS_RANGE_MEAN = "landscape_loss_range_mean"
+LANDSCAPE_GRAD_PRED_MEAN = "landscape_grad_predictiveness_mean"  # of the max grad change
+LANDSCAPE_BETA_MEAN = "landscape_beta_smoothness_mean"
+ICS_L2_MEAN = "ics_l2_mean"
+ICS_COSINE_MEAN = "ics_cosine_mean"
+
 
 @dataclass(frozen=True)
 class MetricRow:
@@ -51,6 +90,8 @@ class MetricRow:
     split: str = ""
     corruption: str = ""
     severity: int = 0
+    layer: int = -1
+    step: int = -1
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,10 @@ def _classify(job: dict[str, Any], emit) -> dict[str, Any]:
     )
     return {
         "status": result.status,
-        "metrics": [[m.name, m.value, m.split, m.corruption, m.severity] for m in result.metrics],
+        "metrics": [
+            [m.name, m.value, m.split, m.corruption, m.severity, m.layer, m.step]
+            for m in result.metrics
+        ],
         "curves": [list(point) for point in result.curves],
         "epochs_done": result.epochs_done,
         "diverged_step": result.diverged_step,

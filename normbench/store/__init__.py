@@ -644,7 +644,7 @@ class Store:
         left out, not stored."""
         metric_rows = [
             {"name": m.name, "split": m.split, "corruption": m.corruption,
-             "severity": m.severity, "value": float(m.value)}
+             "severity": m.severity, "layer": m.layer, "step": m.step, "value": float(m.value)}
             for m in metrics
             if math.isfinite(m.value)
         ]  # fmt: skip

@@ -1,8 +1,9 @@
 """The results schema (SQLAlchemy 2.0 typed ORM). Alembic migrations in ``db/`` create it.
 
 - ``runs``: one row per run key with its spec, status and provenance.
-- ``metrics``: one row per (run, metric, split, corruption, severity), raw floats; corruption is ""
-  and severity 0 for clean metrics, so corruption suites need no schema change.
+- ``metrics``: one row per (run, metric, split, corruption, severity, layer, step), raw floats;
+  corruption is "" and severity 0 for clean metrics, so corruption suites need no schema change;
+  layer and step are -1 except for the probes' per-layer and per-step rows.
 - ``curve_points``: per-epoch training curves.
 - ``submissions``, ``norm_speed``: submitted norms' source, and measured norm speeds.
 
@@ -90,14 +91,20 @@ class Metric(Base):
     split: Mapped[str] = mapped_column(String(32), default="")
     corruption: Mapped[str] = mapped_column(String(64), default="")
     severity: Mapped[int] = mapped_column(default=0)
+    # A probe's block or layer index and the training step it measured at; -1 for other rows.
+    layer: Mapped[int] = mapped_column(default=-1, server_default="-1")
+    step: Mapped[int] = mapped_column(default=-1, server_default="-1")
     value: Mapped[float] = mapped_column(Float)
 
     run: Mapped[Run] = relationship(back_populates="metrics")
 
     __table_args__ = (
-        UniqueConstraint("run_id", "name", "split", "corruption", "severity", name="uq_metric_row"),
+        UniqueConstraint(
+            "run_id", "name", "split", "corruption", "severity", "layer", "step",
+            name="uq_metric_row",
+        ),
         Index("ix_metrics_values", "name", "split", "corruption", "severity", "run_id", "value"),
-    )
+    )  # fmt: skip
 
 
 class CurvePoint(Base):
