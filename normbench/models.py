@@ -29,6 +29,10 @@ owns its convolution needs a model that builds every convolution through the fac
 needs residual branches to gate, and a norm with its own nonlinearity needs a model whose
 activations go through the factory. Without the check such a norm would run as another norm (or as
 ``none``) and give a misleading row.
+
+Models that can be probed (capability ``probes``) list their blocks with ``probe_blocks()``: the
+modules whose outputs are the "block outputs" of the initialization probes, in forward order,
+with their qualified names.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ RESIDUAL_GATE = "residual_gate"
 #: Model capability: every activation after a norm is built by the block factory (a norm with its
 #: own nonlinearity replaces it).
 NORM_ACT = "norm_act"
+#: Model capability: the model lists its blocks for the probes (``probe_blocks()``).
+PROBES = "probes"
 
 
 class ConvNormAct(nn.Sequential):
@@ -194,6 +200,10 @@ def create_model(name: str, *, block: BlockFactory, num_classes: int, **kwargs: 
     return MODELS.get(name).obj(block=block, num_classes=num_classes, **kwargs)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # --- CIFAR ResNets (He et al. 2016, section 4.2) -------------------------------------------------
 
 
@@ -205,15 +215,23 @@ class BasicBlock(nn.Module):
     initialised to 0 (De & Smith 2020), so every block starts as its shortcut.
     """
 
-    def __init__(self, block: BlockFactory, in_channels: int, out_channels: int, stride: int):
+    def __init__(
+        self,
+        block: BlockFactory,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        skip_init: bool = False,
+    ):
         super().__init__()
         self.conv1 = block(in_channels, out_channels, 3, stride, act=nn.ReLU)
         self.conv2 = block(out_channels, out_channels, 3, 1)  # the branch's last norm: no act
         self.act = nn.ReLU()
         self.stride, self.extra_channels = stride, out_channels - in_channels
-        # 0-dim, so the weight-decay rule (tensors with fewer than 2 dims) never decays it.
-        skipinit = getattr(block, "skipinit", False)
-        self.skip_gain = nn.Parameter(torch.zeros(())) if skipinit else None
+        # 0-dim, so the weight-decay rule (tensors with fewer than 2 dims) never decays it. A
+        # SkipInit norm asks for the gate; ``skip_init`` adds the same gate for any other norm.
+        gated = skip_init or getattr(block, "skipinit", False)
+        self.skip_gain = nn.Parameter(torch.zeros(())) if gated else None
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         # Option A: subsample spatially and zero-pad the new channels, so shortcuts add no
@@ -233,12 +251,28 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs: three stages of n blocks with 16, 32 and 64 channels."""
+    """ResNet-(6n+2) for 32x32 inputs: three stages of n blocks with ``width`` (16 in the paper),
+    2 ``width`` and 4 ``width`` channels; ``skip_init`` gates every residual branch with a SkipInit
+    scalar (initialised to 0) whatever the norm."""
 
-    def __init__(self, depth: int, *, block: BlockFactory, num_classes: int, width: int = 16):
+    def __init__(
+        self,
+        depth: int,
+        *,
+        block: BlockFactory,
+        num_classes: int,
+        width: int = 16,
+        skip_init: bool = False,
+    ):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        if not _is_int(width) or width < 1:
+            raise NormbenchError(
+                f"CIFAR ResNet width must be a positive integer (16 in the paper); got {width!r}"
+            )
+        if not isinstance(skip_init, bool):
+            raise NormbenchError(f"CIFAR ResNet skip_init must be true or false; got {skip_init!r}")
         n = (depth - 2) // 6
         widths = [width, 2 * width, 4 * width]
         self.stem = block(3, widths[0], 3, 1, act=nn.ReLU)
@@ -247,7 +281,7 @@ class CifarResNet(nn.Module):
         for stage, out_channels in enumerate(widths):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                layers.append(BasicBlock(block, in_channels, out_channels, stride))
+                layers.append(BasicBlock(block, in_channels, out_channels, stride, skip_init))
                 in_channels = out_channels
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(in_channels, num_classes)
@@ -259,25 +293,46 @@ class CifarResNet(nn.Module):
         x = self.layers(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
+    def probe_blocks(self) -> list[tuple[str, nn.Module]]:
+        """The stem, then every residual block (its output: after the addition and the ReLU)."""
+        return [("stem", self.stem), *_named_children(self.layers, "layers")]
+
+
+def _named_children(parent: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """``parent``'s children with their qualified names (``prefix.i``), in order."""
+    return [(f"{prefix}.{name}", child) for name, child in parent.named_children()]
+
+
+_RESNET_ARGS = (
+    "model_args width (the first stage's channels, default 16), skip_init (a SkipInit gate on "
+    "every residual branch whatever the norm, default false)"
+)
+
 
 @register_model(
     "resnet20",
-    description="CIFAR ResNet-20 (He et al. 2016), option-A shortcuts, 0.27M parameters.",
+    description="CIFAR ResNet-20 (He et al. 2016), option-A shortcuts, 0.27M parameters; "
+    f"{_RESNET_ARGS}.",
     family="resnet",
-    capabilities={CONV_BLOCKS, RESIDUAL_GATE, NORM_ACT},
+    capabilities={CONV_BLOCKS, RESIDUAL_GATE, NORM_ACT, PROBES},
 )
-def resnet20(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
-    return CifarResNet(20, block=block, num_classes=num_classes)
+def resnet20(
+    *, block: BlockFactory, num_classes: int = 10, width: int = 16, skip_init: bool = False
+) -> nn.Module:
+    return CifarResNet(20, block=block, num_classes=num_classes, width=width, skip_init=skip_init)
 
 
 @register_model(
     "resnet56",
-    description="CIFAR ResNet-56 (He et al. 2016), option-A shortcuts, 0.85M parameters.",
+    description="CIFAR ResNet-56 (He et al. 2016), option-A shortcuts, 0.85M parameters; "
+    f"{_RESNET_ARGS}.",
     family="resnet",
-    capabilities={CONV_BLOCKS, RESIDUAL_GATE, NORM_ACT},
+    capabilities={CONV_BLOCKS, RESIDUAL_GATE, NORM_ACT, PROBES},
 )
-def resnet56(*, block: BlockFactory, num_classes: int = 10) -> nn.Module:
-    return CifarResNet(56, block=block, num_classes=num_classes)
+def resnet56(
+    *, block: BlockFactory, num_classes: int = 10, width: int = 16, skip_init: bool = False
+) -> nn.Module:
+    return CifarResNet(56, block=block, num_classes=num_classes, width=width, skip_init=skip_init)
 
 
 # --- Wide ResNets (Zagoruyko & Komodakis 2016) ---------------------------------------------------
@@ -341,10 +396,6 @@ class WideBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(pre))
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class WideResNet(nn.Module):
     """WRN-d-k for 32x32 inputs: a 3x3 conv stem (3 -> 16, no norm after it), three groups of
     n = (d - 4) / 6 ``WideBlock``s with 16k, 32k and 64k channels (strides 1, 2, 2), a final
@@ -396,9 +447,13 @@ class WideResNet(nn.Module):
         x = self.final(self.layers(self.stem(x)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
+    def probe_blocks(self) -> list[tuple[str, nn.Module]]:
+        """Every ``WideBlock`` (its output: the residual sum, before the next pre-activation)."""
+        return _named_children(self.layers, "layers")
+
 
 # Every convolution but each block's first is built here, so norms that own theirs are refused.
-_WRN_CAPABILITIES = {RESIDUAL_GATE, NORM_ACT}
+_WRN_CAPABILITIES = {RESIDUAL_GATE, NORM_ACT, PROBES}
 _WRN = (
     "pre-activation Wide ResNet (Zagoruyko & Komodakis 2016) for 32x32 inputs, 1x1 conv shortcuts"
 )
@@ -440,6 +495,78 @@ def wideresnet(
     dropout: float = 0.0,
 ) -> nn.Module:
     return WideResNet(depth, widen_factor, block=block, num_classes=num_classes, dropout=dropout)
+
+
+# --- VGG-like nets (Santurkar et al. 2018, Lubana et al. 2021) -----------------------------------
+
+
+def vgg_stage_depths(convs: int, stages: int = 4) -> list[int]:
+    """``convs`` convolutions spread over ``stages`` as evenly as possible, the remainder going to
+    the last stages (earlier stages never get more than later ones): 9 -> [2, 2, 2, 3]."""
+    base, extra = divmod(convs, stages)
+    return [base + (i >= stages - extra) for i in range(stages)]
+
+
+class VGG(nn.Module):
+    """A plain (non-residual) VGG-like net for 32x32 inputs: ``depth - 1`` conv-norm-ReLU blocks
+    from the block factory in four stages of ``width``, 2, 4 and 8 ``width`` channels, a 2x2 max
+    pool after each of the first three stages, global average pooling and a linear classifier:
+    ``depth`` weight layers. Convolutions are initialised Kaiming-normal (fan_in, ReLU gain); the
+    classifier keeps PyTorch's default initialisation."""
+
+    def __init__(self, *, block: BlockFactory, num_classes: int, depth: int = 11, width: int = 64):
+        super().__init__()
+        if not _is_int(depth) or depth < 5:
+            raise NormbenchError(
+                "VGG depth (weight layers: convolutions + the classifier) must be an integer >= 5 "
+                f"(4 stages of at least one convolution, then the classifier); got {depth!r}"
+            )
+        if not _is_int(width) or width < 1:
+            raise NormbenchError(
+                f"VGG width (the first stage's channels) must be a positive integer; got {width!r}"
+            )
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for stage, convs in enumerate(vgg_stage_depths(depth - 1)):
+            out_channels = width * 2**stage
+            for _ in range(convs):
+                layers.append(block(in_channels, out_channels, 3, 1, act=nn.ReLU))
+                in_channels = out_channels
+            if stage < 3:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(in_channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def probe_blocks(self) -> list[tuple[str, nn.Module]]:
+        """Every conv-norm-ReLU block (its output: after the activation, before any pooling)."""
+        pools = (nn.MaxPool2d,)
+        return [
+            (n, m)
+            for n, m in _named_children(self.features, "features")
+            if not isinstance(m, pools)
+        ]
+
+
+@register_model(
+    "vgg",
+    description="VGG-like net for 32x32 inputs of Santurkar et al. (2018) and Lubana et al. (2021) "
+    "(10, 20 and 40 layers there): depth - 1 conv-norm-ReLU blocks in four stages of width, 2, 4 "
+    "and 8 width channels, 2x2 max pools after the first three, global average pooling and a "
+    "linear classifier; model_args depth (weight layers, >= 5, default 11), width (default 64).",
+    family="vgg",
+    capabilities={CONV_BLOCKS, NORM_ACT, PROBES},
+)
+def vgg(
+    *, block: BlockFactory, num_classes: int = 10, depth: int = 11, width: int = 64
+) -> nn.Module:
+    return VGG(block=block, num_classes=num_classes, depth=depth, width=width)
 
 
 # --- A small fast CIFAR net for CPU budgets -----------------------------------------------------
