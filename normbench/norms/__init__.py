@@ -37,6 +37,7 @@ from normbench.norms.classic import (  # noqa: I001 - importing the families reg
     group_count,
 )
 from normbench.norms.convnorm import ConvNorm
+from normbench.norms.noisy import NoisyBatchNorm  # noqa: F401 - importing it registers it
 from normbench.norms.registry import (
     ACT,
     AFFINE,
