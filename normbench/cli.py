@@ -540,13 +540,20 @@ def leaderboard(
     budget: BudgetOption = None,
     format: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
     db: Db = None,
+    step: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Probe suites: the training step whose probes to show (0: at init)."
+        ),
+    ] = 0,
 ) -> None:
     """Rank the norm x optimizer pairs of a suite (mean ± std over seeds), read-only.
 
+    A probe suite shows, per model and norm, the probes' whole-model summaries instead.
     Only the suite's current protocol version; runs of other versions are counted, never mixed.
     """
     from normbench import metrics as M
-    from normbench.leaderboard import kept_apart_note, protocol_versions
+    from normbench.leaderboard import kept_apart_note, probe_board, protocol_versions
     from normbench.leaderboard import leaderboard as query
     from normbench.store import open_store
     from normbench.suites import default_budget, load_suite
@@ -559,7 +566,10 @@ def leaderboard(
     # Reading never creates, migrates or writes a database.
     store = open_store(config.db_url(db, create_parent=False), readonly=True)
     version = s.spec.protocol_version
-    table = query(store.engine, s.name, budget_name, rank_by=rank_by, protocol_version=version)
+    if s.spec.task == "probe":
+        table = probe_board(store.engine, s.name, budget_name, protocol_version=version, step=step)
+    else:
+        table = query(store.engine, s.name, budget_name, rank_by=rank_by, protocol_version=version)
     note = kept_apart_note(protocol_versions(store.engine, s.name, budget_name), version)
     if note:
         err.print(f"[yellow]{note}[/yellow]")
@@ -579,7 +589,41 @@ def leaderboard(
         typer.echo(json.dumps(json.loads(table.to_json(orient="records")), indent=1))
         return
     title = f"{s.name} / {budget_name} (protocol version {version})"
+    if s.spec.task == "probe":
+        out.print(_probe_table(table, f"{title}, probes at step {step}"))
+        return
     out.print(_leaderboard_table(table, title, robustness))
+
+
+def _probe_table(table, title: str) -> Table:
+    """The probe board: per model and norm, the whole-model probe summaries (mean ± std over
+    seeds)."""
+    from normbench import metrics as M
+
+    def value(metric: str, fmt: str):
+        def cell(r) -> str:
+            mean, std = r.get(f"{metric}_mean"), r.get(f"{metric}_std")
+            return _num(mean, fmt) + ("" if _missing(std) else f" ± {fmt.format(std)}")
+
+        return cell
+
+    columns = [
+        ("model", lambda r: r["model"]),
+        ("norm", lambda r: r["norm"]),
+        ("activation growth (last / first block)", value(M.PROBE_ACT_GROWTH, "{:.3g}")),
+        ("last-block sample similarity", value(M.PROBE_LAST_COSINE, "{:.3f}")),
+        ("last-block stable rank", value(M.PROBE_LAST_STABLE_RANK, "{:.3g}")),
+        ("grad norm first / last conv", value(M.PROBE_GRAD_RATIO, "{:.3g}")),
+        ("non-finite at block", lambda r: _num(r.get("nonfinite_block"), "{:.0f}", "")),
+        ("n", lambda r: str(r.get("n", 0))),
+        ("runs", lambda r: r["status"]),
+    ]
+    t = Table(title=title)
+    for name, _ in columns:
+        t.add_column(name, overflow="fold")
+    for r in table.to_dict("records"):
+        t.add_row(*(fn(r) for _, fn in columns))
+    return t
 
 
 def _leaderboard_table(table, title: str, robustness: bool) -> Table:

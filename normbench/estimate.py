@@ -115,12 +115,25 @@ def speed_check_seconds(pairs: int, step_seconds: float) -> float:
     return 4 * step_seconds + 2 * pairs * repetition
 
 
+def probe_units(spec: RunSpec) -> int:
+    """Batches a probe run computes: each probe step's probe batches (a forward and backward
+    pass each) and the training steps between them."""
+    s = spec.settings
+    return len(s["probe_steps"]) * s["batches"] + max(s["probe_steps"])
+
+
 def run_breakdown(
     spec: RunSpec, rates: Rates, train_size: int, test_size: int, epochs_done: int = 0
 ) -> Breakdown:
     """Seconds of ``spec``'s run from epoch ``epochs_done`` on, on a dataset of ``train_size``
-    training and ``test_size`` test images, at ``rates``."""
+    training and ``test_size`` test images, at ``rates``. A probe run's "epochs" are its probe
+    steps, and its rate is per batch of its units (``probe_units``)."""
     s = spec.settings
+    if spec.task == "probe":
+        left = 1.0 - epochs_done / len(s["probe_steps"])
+        work = left * probe_units(spec) * s["batch_size"] / rates.train
+        return Breakdown(train=work, evaluation=0.0, corruptions=0.0, speed_check=0.0,
+                         other=rates.other)  # fmt: skip
     epochs = max(s["epochs"] - epochs_done, 0)
     return Breakdown(
         train=epochs * train_images_per_epoch(spec, train_size) / rates.train,
@@ -180,6 +193,18 @@ def from_history(
         ][:HISTORY_RUNS]
         if not runs:
             return None
+        if spec.task == "probe":  # no throughputs: the whole run's wall time, as one rate
+            walls = s.scalars(
+                select(Metric.value).where(
+                    Metric.run_id.in_([r.id for r in runs]), Metric.name == M.WALL_TIME
+                )
+            ).all()
+            if not walls:
+                return None
+            images = probe_units(spec) * spec.settings["batch_size"]
+            return Rates(train=images / max(statistics.median(walls), 1e-3), evaluation=1.0), len(
+                runs
+            )
         names = (M.WALL_TIME, M.TRAIN_THROUGHPUT, M.EVAL_THROUGHPUT)
         rows = s.execute(
             select(Metric.run_id, Metric.name, Metric.value).where(
@@ -262,6 +287,27 @@ def calibrate(
 
     batch = _seconds_per_call(infer, device, warmup=1, budget=seconds / 2)
     return Rates(train=s["batch_size"] / step, evaluation=eval_batch / batch)
+
+
+def calibrate_probe(
+    spec: RunSpec,
+    device: torch.device,
+    image_shape: tuple[int, ...],
+    num_classes: int,
+    seconds: float = CALIBRATION_SECONDS,
+) -> Rates:
+    """A probe run's rate measured on random data: probe batches (forward and backward with the
+    probes' hooks) of the budget's model and batch size with the run's norm. Training steps
+    between probes are taken to cost the same as a probe batch."""
+    from normbench.probes import init_probe
+
+    s = spec.settings
+    model = build_model(s["model"], spec.norm, num_classes, device, **s["model_args"])
+    batch = training_batch(s["batch_size"], tuple(image_shape), num_classes, device)
+    seconds_per_batch = _seconds_per_call(
+        lambda: init_probe(model, [batch]), device, warmup=1, budget=seconds
+    )
+    return Rates(train=s["batch_size"] / seconds_per_batch, evaluation=1.0)
 
 
 # --- while a run goes ----------------------------------------------------------------------------

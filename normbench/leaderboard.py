@@ -30,6 +30,12 @@ SUMMARY_METRICS = (
     M.SPEED_VS_BASE_OPTIMIZER, M.SPEED_VS_BASE_OPTIMIZER_IQR,
     M.WALL_TIME, M.PARAM_COUNT, M.PEAK_MEMORY,
     CORRUPTION_ACCURACY, EXTRA_ACCURACY, MCE, RELATIVE_MCE,
+    M.LANDSCAPE_LOSS_RANGE_MEAN, M.LANDSCAPE_GRAD_PRED_MEAN, M.LANDSCAPE_BETA_MEAN,
+    M.ICS_L2_MEAN, M.ICS_COSINE_MEAN,
+)  # fmt: skip
+#: The whole-model summaries of the initialization probes, as the probe board shows them.
+PROBE_SUMMARIES = (
+    M.PROBE_ACT_GROWTH, M.PROBE_LAST_COSINE, M.PROBE_LAST_STABLE_RANK, M.PROBE_GRAD_RATIO,
 )  # fmt: skip
 
 
@@ -79,6 +85,8 @@ def _metric_stats(engine: Engine, sel: Selection) -> pd.DataFrame:
             Metric.name.in_(SUMMARY_METRICS),
             Metric.corruption == "",
             Metric.severity == 0,
+            Metric.layer == -1,
+            Metric.step == -1,
         )
         .group_by(Run.norm, Run.optimizer, Metric.name)
     )
@@ -211,3 +219,69 @@ def leaderboard(
     table.insert(0, "rank", range(1, len(table) + 1))
     table.loc[table[f"{rank_by}_mean"].isna(), "rank"] = pd.NA
     return table.reset_index(drop=True)
+
+
+def probe_board(
+    engine: Engine, suite: str, budget: str, *, protocol_version: int, step: int = 0
+) -> pd.DataFrame:
+    """The initialization probes of a probe suite: one row per model (with its arguments) and
+    norm, the whole-model summaries at training step ``step`` as ``<metric>_mean``/``_std`` over
+    seeds, ``n`` (seeds with values), ``runs``, ``status`` and, for a probe whose activations went
+    non-finite, the block where that happened (``nonfinite_block``). Diverged probes are findings,
+    so their rows count too."""
+    sel = Selection(suite, budget, protocol_version=protocol_version)
+    with engine.connect() as conn:
+        runs = conn.execute(select(Run.id, Run.norm, Run.status, Run.config).where(*sel.runs()))
+        runs = pd.DataFrame(runs.all(), columns=["run_id", "norm", "status", "config"])
+        if runs.empty:
+            return pd.DataFrame()
+        values = conn.execute(
+            select(Metric.run_id, Metric.name, Metric.value)
+            .join(Run, Run.id == Metric.run_id)
+            .where(
+                *sel.runs(),
+                Run.status.in_((RunStatus.finished, RunStatus.diverged)),
+                Metric.name.in_((*PROBE_SUMMARIES, M.PROBE_NONFINITE_LAYER)),
+                Metric.layer == -1,
+                Metric.step == step,
+            )
+        )
+        values = pd.DataFrame(values.all(), columns=["run_id", "metric", "value"])
+    runs["model"] = [
+        (c or {}).get("settings", {}).get("model_label") or (c or {}).get("settings", {})["model"]
+        for c in runs.config
+    ]
+    keys = ["model", "norm"]
+    order = list(RunStatus)
+    counts = (
+        runs.groupby(keys)
+        .status.agg(
+            runs="size",
+            status=lambda st: ", ".join(
+                f"{(st == s).sum()} {s.value}" for s in order if (st == s).any()
+            ),
+        )
+        .reset_index()
+    )
+    if values.empty:
+        return counts
+    values = values.merge(runs[["run_id", *keys]], on="run_id")
+    stats = values.groupby([*keys, "metric"]).value.agg(["mean", "std", "count"]).reset_index()
+    wide = stats.pivot_table(index=keys, columns="metric", values=["mean", "std"], dropna=False)
+    wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
+    table = counts.merge(wide.reset_index(), on=keys, how="left")
+    n = stats[stats.metric == M.PROBE_ACT_GROWTH][[*keys, "count"]].rename(columns={"count": "n"})
+    table = table.merge(n, on=keys, how="left")
+    table["n"] = table["n"].fillna(0).astype(int)
+    nonfinite = f"{M.PROBE_NONFINITE_LAYER}_mean"
+    table["nonfinite_block"] = table.get(nonfinite, math.nan)
+    table = table.drop(columns=[c for c in table if c.startswith(M.PROBE_NONFINITE_LAYER)])
+    return table.sort_values(keys, key=_model_then_name).reset_index(drop=True)
+
+
+def _model_then_name(column: pd.Series) -> pd.Series:
+    """Models in a natural order (``vgg(depth=10)`` before ``vgg(depth=20)``): digits compare as
+    numbers; norms alphabetically."""
+    import re
+
+    return column.map(lambda v: re.sub(r"\d+", lambda m: m.group().zfill(9), v))

@@ -27,8 +27,10 @@ weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
@@ -38,7 +40,7 @@ from torch import nn
 
 from normbench.errors import NormbenchError
 from normbench.norms import affine_parameters
-from normbench.registry import Registry
+from normbench.registry import Entry, Registry
 
 WEIGHT_DECAY_RULE = "decay conv/linear weights only; none on norm affine parameters and biases"
 
@@ -49,7 +51,39 @@ TWO_PASS = "two_pass"
 NORM_AFFINE_ONLY = "norm_affine_only"
 
 OptimizerBuilder = Callable[..., torch.optim.Optimizer]
-OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer")
+
+#: A variant's tag: ``sgd:lr0.5`` is ``sgd`` with its own hyper-parameter table in a budget.
+_VARIANT_TAG = re.compile(r"[A-Za-z0-9_.=+-]{1,40}")
+
+
+class OptimizerRegistry(Registry[OptimizerBuilder]):
+    """The optimizer registry. A name may carry a variant tag, ``sgd:lr0.5``: the same optimizer
+    under another name, so one suite can cross two settings of it (a budget gives each name its
+    own hyper-parameters) and each gets its own leaderboard row."""
+
+    def get(self, name: str) -> Entry[OptimizerBuilder]:
+        base, sep, tag = name.partition(":")
+        entry = super().get(base)
+        if not sep:
+            return entry
+        if not _VARIANT_TAG.fullmatch(tag):
+            raise NormbenchError(
+                f"Optimizer variant {name!r}: the tag after ':' must be 1 to 40 letters, digits "
+                "or . _ = + - (e.g. 'sgd:lr0.5')."
+            )
+        return Entry(entry.obj, dataclasses.replace(entry.info, name=name))
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        try:
+            self.get(name)
+        except NormbenchError:
+            return False
+        return True
+
+
+OPTIMIZERS = OptimizerRegistry("optimizer")
 register_optimizer = OPTIMIZERS.register
 
 

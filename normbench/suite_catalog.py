@@ -28,10 +28,11 @@ SUITES: Registry[Path] = Registry("suite")
 
 def _register_builtin_suites() -> None:
     for path in sorted(BUILTIN_DIR.glob("*.toml")):
-        description = ""
+        description, task = "", "classify"
         with contextlib.suppress(tomllib.TOMLDecodeError):  # reported in full when loaded
-            description = tomllib.loads(path.read_text()).get("description", "")
-        SUITES.add(path.stem, path, EntryInfo(path.stem, description, "classify"))
+            raw = tomllib.loads(path.read_text())
+            description, task = raw.get("description", ""), raw.get("task", task)
+        SUITES.add(path.stem, path, EntryInfo(path.stem, description, task))
 
 
 _register_builtin_suites()

@@ -60,6 +60,9 @@ from normbench.suites import RunSpec
 from runners import classify
 from runners.executor import Done, Event, Executor, Job, memory_limit_mb
 
+#: Seconds of timing per (norm, model) of a probe suite: its runs are short and many.
+PROBE_CALIBRATION_SECONDS = 0.3
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -122,6 +125,8 @@ def lease_seconds() -> float:
 
 
 def label(spec: RunSpec) -> str:
+    if spec.task == "probe":  # a probe suite's axes are norms and models
+        return f"{spec.norm} in {spec.settings['model_label']} (seed {spec.seed})"
     return f"{spec.norm} + {spec.optimizer} (seed {spec.seed})"
 
 
@@ -221,9 +226,13 @@ def estimate_runs(
             basis = f"from {n} earlier run{'s' if n > 1 else ''}"
         else:
             s = spec.settings
-            two_pass = OPTIMIZERS.info(spec.optimizer).has(TWO_PASS)  # twice the work per step
-            key = (spec.dataset, spec.norm, s["model"], repr(s["model_args"]), s["batch_size"],
-                   s["eval_batch_size"], s["precision"], two_pass)  # fmt: skip
+            if spec.task == "probe":
+                key = (spec.dataset, spec.norm, s["model"], repr(s["model_args"]),
+                       s["batch_size"], "probe")  # fmt: skip
+            else:
+                two_pass = OPTIMIZERS.info(spec.optimizer).has(TWO_PASS)  # twice the work
+                key = (spec.dataset, spec.norm, s["model"], repr(s["model_args"]),
+                       s["batch_size"], s["eval_batch_size"], s["precision"], two_pass)  # fmt: skip
             if key not in calibrated:
                 calibrated[key] = _calibrate(spec, device, d)
             rates, basis = calibrated[key]
@@ -244,6 +253,11 @@ def estimate_runs(
 def _calibrate(spec: RunSpec, device: torch.device, d: DataInfo) -> tuple[Rates | None, str]:
     with progress.task(f"timing {spec.norm} for the estimate", total=None):
         try:
+            if spec.task == "probe":
+                rates = estimate.calibrate_probe(
+                    spec, device, d.image_shape, d.num_classes, seconds=PROBE_CALIBRATION_SECONDS
+                )
+                return rates, f"calibrated: {rates.train:,.0f} probed images/s"
             rates = estimate.calibrate(spec, device, d.image_shape, d.num_classes)
         except Exception as err:  # noqa: BLE001 - the run itself will report what is wrong
             cause = (str(err).splitlines() or [type(err).__name__])[0][:80]
@@ -280,7 +294,11 @@ def print_plan(planned: list[Planned], device: torch.device, console: Console) -
     for p in todo:
         resumes = ""
         if p.resume_epoch is not None:
-            resumes = f"resumes after epoch {p.resume_epoch}/{p.spec.settings['epochs']}; "
+            if p.spec.task == "probe":
+                steps = len(p.spec.settings["probe_steps"])
+                resumes = f"resumes after probe step {p.resume_epoch}/{steps}; "
+            else:
+                resumes = f"resumes after epoch {p.resume_epoch}/{p.spec.settings['epochs']}; "
         console.print(
             f"  run {f'{p.index}/{n}':>{2 * len(str(n)) + 1}}  {label(p.spec):<{width}}  "
             f"~{format_duration(p.estimate.seconds):<12} {resumes}{p.estimate.basis}",
@@ -539,8 +557,7 @@ class Orchestrator:
             self.factor = clock.factor
         result = done.result
         try:
-            metrics = [MetricRow(n, float(v), sp, c, int(sev))
-                       for n, v, sp, c, sev in result["metrics"]]  # fmt: skip
+            metrics = [_metric_row(row) for row in result["metrics"]]
             curves = [(int(e), str(n), float(v)) for e, n, v in result["curves"]]
             status = RunStatus(result["status"])
             if status not in (RunStatus.finished, RunStatus.diverged):
@@ -557,16 +574,29 @@ class Orchestrator:
         if not stored:
             return
         shutil.rmtree(checkpoint_folder(key), ignore_errors=True)
-        values = {m.name: m.value for m in metrics if not m.corruption}
+        # Whole-run values, and the probes' whole-model summaries at initialization.
+        values = {
+            m.name: m.value
+            for m in metrics
+            if not m.corruption and m.layer == -1 and m.step in (-1, 0)
+        }
         est = p.estimate
         if status is RunStatus.finished:
             estimated = ""
             if est is not None and est.seconds is not None:
                 estimated = f" (estimated {format_duration(est.seconds)})"
-            detail = (
-                f"accuracy {values.get(M.ACCURACY, float('nan')):.2%}, wall time "
-                f"{values.get(M.WALL_TIME, float('nan')):.0f} s{estimated}, "
-                f"{values.get(M.TRAIN_THROUGHPUT, float('nan')):.0f} train images/s"
+            nan = float("nan")
+            if spec.task == "probe":
+                measured = (
+                    f"activation growth {values.get(M.PROBE_ACT_GROWTH, nan):.3g}x, last-block "
+                    f"sample similarity {values.get(M.PROBE_LAST_COSINE, nan):.3f}"
+                )
+            else:
+                measured = f"accuracy {values.get(M.ACCURACY, nan):.2%}"
+            detail = f"{measured}, wall time {values.get(M.WALL_TIME, nan):.0f} s{estimated}" + (
+                ""
+                if spec.task == "probe"
+                else f", {values.get(M.TRAIN_THROUGHPUT, nan):.0f} train images/s"
             )
             self.console.print(f"[green]done[/green] {label(spec)}: {detail}")
         else:
@@ -656,6 +686,17 @@ def norm_modules(name: str) -> list[dict]:
     return [{"module": module.__name__, "file": file, "norms": [parse_norm_name(name)[0]]}]
 
 
+def _metric_row(row: list) -> MetricRow:
+    """A metric row as a worker sends it: name, value, split, corruption, severity, and for the
+    probes' rows layer and step."""
+    name, value, split, corruption, severity, *where = row
+    if len(where) not in (0, 2):
+        raise ValueError(f"a metric row has {len(row)} fields")
+    layer, step = (int(where[0]), int(where[1])) if where else (-1, -1)
+    return MetricRow(str(name), float(value), str(split), str(corruption), int(severity),
+                     layer, step)  # fmt: skip
+
+
 def _failure(done: Done) -> str:
     error = done.error or "the worker failed"
     return f"{error}\n\nworker log (last lines):\n{done.log_tail}" if done.log_tail else error
@@ -704,11 +745,13 @@ class RunDisplay:
         self.live, self.spec, self.clock = live, spec, clock
         self.console = console
         self.name = f"run {index}/{count} {escape(label(spec))}"
-        self.epochs = spec.settings["epochs"]
+        # A probe run reports its probe batches and training steps as the steps of one "epoch".
+        self.epochs = 1 if spec.task == "probe" else spec.settings["epochs"]
         self.steps_per_epoch = 1
         self.first_step = 0  # steps done before this session (a resumed run)
         self.last_step = 0  # the last step reported
         self.phase = "loading data"
+        self.rate_unit = "probed images/s" if spec.task == "probe" else "training images/s"
         self.last_render = 0.0
         self.task = live.add_task(self.name, total=None, rate="", left=self._left())
 
@@ -733,11 +776,11 @@ class RunDisplay:
                 self.live.update(self.task, **fields)
             return
         self.last_render = now
-        rate = self.clock.measured_rate if self.phase.startswith("epoch") else None
+        rate = self.clock.measured_rate if self.phase.startswith(("epoch", "probing")) else None
         self.live.update(
             self.task,
             description=f"{self.name}: {self.phase}",
-            rate=f"{rate:,.0f} training images/s" if rate else "",
+            rate=f"{rate:,.0f} {self.rate_unit}" if rate else "",
             left=self._left(),
             **fields,
         )
@@ -752,14 +795,21 @@ class RunDisplay:
             self.steps_per_epoch = steps_per_epoch
             self.first_step = self.last_step = (self.epochs - epochs) * steps_per_epoch
             self.clock.start(epochs, steps_per_epoch)
-            self.phase = f"epoch {self.epochs - epochs + 1}/{self.epochs}"
+            self.phase = (
+                "probing"
+                if self.spec.task == "probe"
+                else f"epoch {self.epochs - epochs + 1}/{self.epochs}"
+            )
             self.render(force=True, total=epochs * steps_per_epoch, completed=0)
         elif kind == "step":
             step = int(event["step"])
             self.clock.step(max(step - self.last_step, 1))
             self.last_step = step
-            self.phase = f"epoch {(step - 1) // self.steps_per_epoch + 1}/{self.epochs}"
+            if self.spec.task != "probe":
+                self.phase = f"epoch {(step - 1) // self.steps_per_epoch + 1}/{self.epochs}"
             self.render(completed=step - self.first_step)
+        elif kind == "epoch" and self.spec.task == "probe":
+            pass  # a probe step was checkpointed: nothing to report
         elif kind == "epoch":
             values = event.get("values") or {}
             self.console.print(

@@ -47,8 +47,8 @@ def run_job(job: dict[str, Any], emit) -> dict[str, Any]:
     _import_norm_modules(job.get("norm_modules", []))
     for submission in job.get("submissions", []):
         register_source(**submission, folder=Path.cwd())
-    if job["kind"] == "classify":
-        return _classify(job, emit)
+    if job["kind"] in ("classify", "probe"):
+        return _run(job, emit)
     if job["kind"] == "normspeed":
         return _normspeed(job)
     raise ValueError(f"unknown job kind {job['kind']!r}")
@@ -75,17 +75,23 @@ def _import_norm_modules(modules: list[dict[str, Any]]) -> None:
         spec.loader.exec_module(module)
 
 
-def _classify(job: dict[str, Any], emit) -> dict[str, Any]:
+def _run(job: dict[str, Any], emit) -> dict[str, Any]:
+    """A classify or probe run: both runners take the same arguments and return the same
+    result."""
+    import importlib
+
     import torch
 
     from normbench.errors import NormbenchError
     from normbench.suites import RunSpec
-    from runners import classify
 
     spec = RunSpec(**job["spec"])
     if spec.key != job["id"]:
         raise NormbenchError(f"The job's spec hashes to {spec.key}, not to its run {job['id']}.")
-    result = classify.run(
+    if spec.task != job["kind"]:
+        raise NormbenchError(f"The job is a {job['kind']} job, but its spec's task is {spec.task}.")
+    runner = importlib.import_module(f"runners.{spec.task}")
+    result = runner.run(
         spec,
         device=torch.device(job["device"]),
         data_dir=job["data_dir"],

@@ -399,7 +399,7 @@ SPEC_FIELDS = (
 )  # fmt: skip
 
 #: The columns of ``uq_metric_row``, which mCE rows are upserted on.
-METRIC_ROW = ("run_id", "name", "split", "corruption", "severity")
+METRIC_ROW = ("run_id", "name", "split", "corruption", "severity", "layer", "step")
 
 
 class db_now(FunctionElement):  # noqa: N801 - used like a SQL function
@@ -732,7 +732,7 @@ class Store:
             values = table.values if table is not None else {}
             rows = [
                 {"run_id": run_id, "name": name, "split": "test", "corruption": "",
-                 "severity": 0, "value": value}
+                 "severity": 0, "layer": -1, "step": -1, "value": value}
                 for run_id, named in values.items()
                 for name, value in named.items()
             ]  # fmt: skip

@@ -26,7 +26,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from normbench.errors import NormbenchError, SuiteError
-from normbench.models import MODELS, check_model_supports, conv_norm_factory, create_model
+from normbench.models import (
+    MODELS,
+    PROBES,
+    check_model_supports,
+    conv_norm_factory,
+    create_model,
+)
 from normbench.norms import NORMS, affine_parameters, norm_class
 from normbench.optim import (
     NORM_AFFINE_ONLY,
@@ -64,6 +70,16 @@ class Augment(_Strict):
     flip: bool = False  # random horizontal flip
 
 
+class Landscape(_Strict):
+    """Loss-landscape and internal-covariate-shift probes during training (Santurkar et al.
+    2018): every ``every`` training steps (and at step 0), on the current batch."""
+
+    every: Annotated[int, Field(ge=1)]
+    # the step sizes eta of the points w - eta g along the gradient g
+    step_sizes: Annotated[list[Annotated[float, Field(gt=0.0)]], Field(min_length=1)]
+    ics: bool = True  # also internal covariate shift per weight layer (a pass per layer)
+
+
 class Budget(_Strict):
     model: str
     dataset: Literal[DATASET_NAMES] | None = None  # type: ignore[valid-type]  # overrides the suite's
@@ -83,6 +99,37 @@ class Budget(_Strict):
     warmup: Fraction = 0.0  # fraction of training
     milestones: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = []  # fractions (multistep)
     label_smoothing: Fraction = 0.0
+    augment: Augment = Augment()
+    landscape: Landscape | None = None  # probes during training; None: off
+    optimizers: dict[str, dict[str, Any]]  # hyper-parameters per optimizer name
+
+
+class ProbeModel(_Strict):
+    model: str
+    model_args: dict[str, Any] = {}
+
+    @property
+    def label(self) -> str:
+        """The model with its arguments, as the dashboard shows it: ``resnet56(width=32)``."""
+        if not self.model_args:
+            return self.model
+        args = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(self.model_args.items()))
+        return f"{self.model}({args})"
+
+
+class ProbeBudget(_Strict):
+    """A budget of a probe suite: the initialization probes of Lubana et al. (2021) on each
+    model, averaged over ``batches`` batches of ``batch_size`` training images, at each of
+    ``probe_steps`` (0: at initialization; later steps train in between, at constant learning
+    rate, with the budget's optimizer hyper-parameters)."""
+
+    models: Annotated[list[ProbeModel], Field(min_length=1)]
+    dataset: Literal[DATASET_NAMES] | None = None  # type: ignore[valid-type]  # overrides the suite's
+    batch_size: Annotated[int, Field(ge=2)]  # samples per probe batch (the Gram matrix's size)
+    batches: Annotated[int, Field(ge=1)] = 4
+    probe_steps: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0]
+    train_subset: Annotated[int, Field(ge=0)] = 0  # 0 = the whole training set
+    precision: Literal["fp32"] = "fp32"
     augment: Augment = Augment()
     optimizers: dict[str, dict[str, Any]]  # hyper-parameters per optimizer name
 
@@ -107,18 +154,26 @@ class SuiteFile(_Strict):
     budgets: dict[Literal[BUDGETS], Budget]  # type: ignore[valid-type]
 
 
+class ProbeSuiteFile(SuiteFile):
+    """A suite of ``task = "probe"``: norms x models (each budget lists its models) x seeds."""
+
+    task: Literal["probe"]
+    corruption_set: None = None
+    budgets: dict[Literal[BUDGETS], ProbeBudget]  # type: ignore[valid-type]
+
+
 @dataclass(frozen=True)
 class Suite:
     """A validated suite and where it came from."""
 
-    spec: SuiteFile
+    spec: SuiteFile | ProbeSuiteFile
     path: Path
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def budget(self, name: str) -> Budget:
+    def budget(self, name: str) -> Budget | ProbeBudget:
         if name not in self.spec.budgets:
             raise NormbenchError(
                 f"Suite {self.name!r} has no budget {name!r}; it defines "
@@ -215,6 +270,30 @@ def _check_model_args(path: Path, key: str, model: str, model_args: dict[str, An
         raise SuiteError(f"{path}: {key}: model {model!r} refuses {model_args}: {err}") from None
 
 
+def _check_probe_budget(path: Path, bname: str, budget: ProbeBudget) -> None:
+    """A probe budget's models exist, take their arguments and list their blocks for the
+    probes; its probe steps ascend."""
+    for i, choice in enumerate(budget.models):
+        key = f"budgets.{bname}.models[{i}]"
+        _check_name(MODELS, choice.model, path, f"{key}.model")
+        if not MODELS.info(choice.model).has(PROBES):
+            hosts = [e.info.name for e in MODELS if e.info.has(PROBES)]
+            raise SuiteError(
+                f"{path}: {key}.model: model {choice.model!r} does not list its blocks for the "
+                f"probes; models that do: {', '.join(hosts)}."
+            )
+        _check_model_args(path, f"{key}.model_args", choice.model, choice.model_args)
+    labels = [m.label for m in budget.models]
+    if len(set(labels)) < len(labels):
+        twice = next(label for label in labels if labels.count(label) > 1)
+        raise SuiteError(f"{path}: budgets.{bname}.models: {twice} is listed twice.")
+    steps = budget.probe_steps
+    if steps != sorted(set(steps)):
+        raise SuiteError(
+            f"{path}: budgets.{bname}.probe_steps: must ascend without repeats; got {steps}."
+        )
+
+
 def load_suite_file(path: Path) -> Suite:
     """Read and validate a suite file; every problem is a ``SuiteError`` naming file and key."""
     try:
@@ -224,7 +303,8 @@ def load_suite_file(path: Path) -> Suite:
     except tomllib.TOMLDecodeError as err:
         raise SuiteError(f"{path}: not valid TOML: {err}.") from None
     try:
-        spec = SuiteFile.model_validate(raw)
+        probe = isinstance(raw, dict) and raw.get("task") == "probe"
+        spec = (ProbeSuiteFile if probe else SuiteFile).model_validate(raw)
     except ValidationError as err:
         problems = []
         for e in err.errors():
@@ -242,11 +322,16 @@ def load_suite_file(path: Path) -> Suite:
     _check_name(NORMS, spec.reference.norm, path, "reference.norm")
     _check_name(OPTIMIZERS, spec.reference.optimizer, path, "reference.optimizer")
     for bname, budget in spec.budgets.items():
-        _check_name(MODELS, budget.model, path, f"budgets.{bname}.model")
-        _check_model_args(path, f"budgets.{bname}.model_args", budget.model, budget.model_args)
+        if isinstance(budget, ProbeBudget):
+            _check_probe_budget(path, bname, budget)
+        else:
+            _check_name(MODELS, budget.model, path, f"budgets.{bname}.model")
+            _check_model_args(path, f"budgets.{bname}.model_args", budget.model, budget.model_args)
         for opt, hparams in budget.optimizers.items():
             _check_name(OPTIMIZERS, opt, path, f"budgets.{bname}.optimizers.{opt}")
             _check_hparams(path, f"budgets.{bname}.optimizers.{opt}", opt, hparams)
+        if isinstance(budget, ProbeBudget):
+            continue
         if budget.speed_pairs == 1:
             raise SuiteError(
                 f"{path}: budgets.{bname}.speed_pairs: a ratio needs at least 2 pairs of "
@@ -310,9 +395,10 @@ def default_budget(suite: Suite, device: torch.device | None = None) -> str:
 
 
 @functools.cache
-def _budget_defaults() -> dict[str, Any]:
+def _budget_defaults(task: str = "classify") -> dict[str, Any]:
     defaults = {}
-    for name, field_info in Budget.model_fields.items():
+    schema = ProbeBudget if task == "probe" else Budget
+    for name, field_info in schema.model_fields.items():
         if not field_info.is_required():
             value = field_info.get_default(call_default_factory=True)
             defaults[name] = value.model_dump() if isinstance(value, BaseModel) else value
@@ -346,7 +432,7 @@ class RunSpec:
     def key(self) -> str:
         # Settings left at their schema defaults are not hashed, so adding a new budget option
         # with a default never changes the keys (and results) of existing runs.
-        defaults = _budget_defaults()
+        defaults = _budget_defaults(self.task)
         spec = self.to_dict()
         spec["settings"] = {
             k: v for k, v in self.settings.items() if k not in defaults or v != defaults[k]
@@ -357,6 +443,19 @@ class RunSpec:
     @property
     def protocol(self) -> dict[str, Any]:
         """What a reader needs to know to reproduce the run, beyond the spec itself."""
+        if self.task == "probe":
+            return {
+                "probes": (
+                    "Lubana et al. 2021: per block output, per-channel variance over (N,H,W) "
+                    "averaged over channels; average cosine similarity between samples and "
+                    "stable rank (trace / largest eigenvalue) of the samples' Gram matrix; per "
+                    "convolution, the Frobenius norm of the loss gradient w.r.t. its output"
+                ),
+                "probe_batches": "fixed, seeded by the run's seed; training mode (batch "
+                "statistics); no augmentation; normalized by the training-set mean and std",
+                "training_between_probes": "constant learning rate, the budget's batch size",
+                "label": f"{self.norm} in {self.settings.get('model_label', self.model)}",
+            }
         return {
             "weight_decay_rule": WEIGHT_DECAY_RULE,
             "train_transforms": "random crop (zero padding) + horizontal flip, batched on device",
@@ -410,9 +509,11 @@ def plan(
     norms = [NORMS.info(norm).name for norm in norms or suite.spec.norms]
     optimizers = optimizers or list(suite.spec.optimizers)
     seeds = list(suite.spec.seeds) if seeds is None else seeds
+    models = b.models if isinstance(b, ProbeBudget) else [ProbeModel(model=b.model)]
     for norm in norms:
         # Refused up front, so a suite never stops halfway on a combination that cannot run.
-        check_model_supports(b.model, conv_norm_factory(norm))
+        for choice in models:
+            check_model_supports(choice.model, conv_norm_factory(norm))
     for opt in optimizers:
         if OPTIMIZERS.get(opt).info.has(NORM_AFFINE_ONLY):
             for norm in norms:
@@ -428,10 +529,18 @@ def plan(
                 f"{budget!r} (it has: {', '.join(b.optimizers)}). Add a "
                 f"[budgets.{budget}.optimizers.{opt}] table to {suite.path}."
             )
-    settings = b.model_dump(exclude={"optimizers"})
     dataset = b.dataset or suite.spec.dataset
-    if dataset in CORRUPTED_DATASETS.get(suite.spec.corruption_set, ()):
-        settings["corruption_set"] = suite.spec.corruption_set
+    if isinstance(b, ProbeBudget):
+        common = b.model_dump(exclude={"optimizers", "models"})
+        variants = [
+            {**common, "model": m.model, "model_args": dict(m.model_args), "model_label": m.label}
+            for m in b.models
+        ]
+    else:
+        settings = b.model_dump(exclude={"optimizers"})
+        if dataset in CORRUPTED_DATASETS.get(suite.spec.corruption_set, ()):
+            settings["corruption_set"] = suite.spec.corruption_set
+        variants = [settings]
     return [
         RunSpec(
             suite=suite.name,
@@ -446,6 +555,7 @@ def plan(
             hparams=dict(b.optimizers[opt]),
         )
         for norm in norms
+        for settings in variants
         for opt in optimizers
         for seed in seeds
     ]
