@@ -674,6 +674,18 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
     )
     if two_pass:
         columns.append(("train speed vs base optimizer", speed_vs_base))
+    landscape = (
+        f"{M.LANDSCAPE_BETA_MEAN}_mean" in table
+        and table[f"{M.LANDSCAPE_BETA_MEAN}_mean"].notna().any()
+    )
+    if landscape:
+        columns += [
+            ("loss range", lambda r: _num(r.get(f"{M.LANDSCAPE_LOSS_RANGE_MEAN}_mean"), "{:.3g}")),
+            ("grad pred.", lambda r: _num(r.get(f"{M.LANDSCAPE_GRAD_PRED_MEAN}_mean"), "{:.3g}")),
+            ("beta-smooth", lambda r: _num(r.get(f"{M.LANDSCAPE_BETA_MEAN}_mean"), "{:.3g}")),
+            ("ICS l2", lambda r: _num(r.get(f"{M.ICS_L2_MEAN}_mean"), "{:.3g}")),
+            ("ICS cos", lambda r: _num(r.get(f"{M.ICS_COSINE_MEAN}_mean"), "{:.3f}")),
+        ]
     columns += [
         ("own images/s", lambda r: _num(r.get(f"{M.TRAIN_THROUGHPUT}_mean"), "{:,.0f}")),
         ("wall s", lambda r: _num(r.get(f"{M.WALL_TIME}_mean"), "{:.0f}")),
@@ -689,6 +701,13 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
         caption += (
             " train speed vs base optimizer: a two-pass optimizer (sam...) timed against its base "
             "optimizer on the run's model in the run's process, the same way."
+        )
+    if landscape:
+        caption += (
+            " Landscape probes along the gradient during training (means over the probed "
+            "steps): loss range, gradient predictiveness (largest gradient change), effective "
+            "beta-smoothness, internal covariate shift (l2 and cosine, over layers); lower "
+            "loss range, gradient change and beta mean a smoother landscape."
         )
     t = Table(title=title, caption=caption)
     for header, _ in columns:
