@@ -149,7 +149,7 @@ class _Snapshot:
         self.model, self.training = model, model.training
         self.params = [(p, p.detach().clone(), p.grad) for p in model.parameters()]
         self.buffers = [
-            (m, name, b.detach().clone())
+            (m, name, b, b.detach().clone())
             for m in model.modules()
             for name, b in m._buffers.items()
             if b is not None
@@ -160,16 +160,11 @@ class _Snapshot:
         for p, value, grad in self.params:
             p.copy_(value)
             p.grad = grad
-        for module, name, value in self.buffers:
-            current = module._buffers.get(name)
-            if (
-                current is not None
-                and current.shape == value.shape
-                and current.dtype == value.dtype
-            ):
-                current.copy_(value)  # in place: whoever holds the buffer sees it restored
-            else:  # a buffer that changed shape (ConvNorm's running preconditioner) is replaced
-                module._buffers[name] = value
+        # Each buffer is the tensor it was, holding its old values: a module that replaced one
+        # (ConvNorm's running preconditioner takes the shape of its first input) gets it back.
+        for module, name, buffer, value in self.buffers:
+            buffer.copy_(value)
+            module._buffers[name] = buffer
         self.model.train(self.training)
 
 
@@ -259,6 +254,7 @@ def init_probe(
             with torch.enable_grad():
                 grads = torch.autograd.grad(loss, [outputs[i] for i in indices], allow_unused=True)
             for i, g in zip(indices, grads, strict=True):
+                # None: an output the loss does not depend on, whose gradient is zero.
                 norm = 0.0 if g is None else torch.linalg.vector_norm(g.double()).item()
                 grad_values.setdefault(i, []).append(norm)
             del loss, grads
@@ -278,7 +274,7 @@ def init_probe(
     result.nonfinite_block = nonfinite
     measured = len(blocks) if nonfinite is None else nonfinite
     for values in block_values[:measured]:
-        if not values["var"]:  # a block the batches never reached (no batches at all)
+        if not values["var"]:  # a listed block the forward pass never calls: nothing after it
             break
         for key, mean, std in (
             ("var", result.act_var, result.act_var_std),

@@ -46,7 +46,8 @@ def _check_settings(s: dict[str, Any]) -> list[int]:
     """The probe steps, after checking the settings a probe run needs."""
     steps = s["probe_steps"]
     if (
-        not steps
+        not isinstance(steps, list | tuple)
+        or not steps
         or any(not _is_int(t) or t < 0 for t in steps)
         or list(steps) != sorted(set(steps))
     ):
