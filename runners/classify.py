@@ -4,10 +4,17 @@ The loop is deliberately plain: a tensor-resident loader, autocast where the bud
 a per-step learning-rate factor, and one checkpoint per epoch so an interrupted run resumes from
 its last finished epoch with the same data order (the loader's generator state is saved too).
 A non-finite loss stops the run with status ``diverged`` and the step where it happened.
+
+With the budget's ``landscape`` option, the loss-landscape and internal covariate shift probes of
+``normbench.landscape`` run on the current training batch at step 0 and every ``every`` steps,
+before that step's update. They leave the model and the random stream as they were, so the run
+trains exactly as it would without them; their time is left out of the training time and
+throughput and reported on its own.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +32,7 @@ from normbench.corruptions import SEVERITIES, TABLE_VERSION
 from normbench.corruptions.imagenet_c import ImageNetC
 from normbench.corruptions.sets import prepare_cifar10_c
 from normbench.data import NORMALIZATION, TensorLoader, load_dataset
+from normbench.landscape import ics_probe, landscape_probe
 from normbench.metrics import Evaluation, MetricRow
 from normbench.models import conv_norm_factory, create_model, parameter_count
 from normbench.norms import norm_source_sha256
@@ -219,6 +227,63 @@ def speed_vs_base_optimizer(
     ]
 
 
+#: A landscape probe's values as a checkpoint keeps them: (name, value, layer, step).
+ProbeValue = tuple[str, float, int, int]
+
+
+def landscape_values(
+    model: nn.Module,
+    loss_fn: Callable[[], torch.Tensor],
+    options: dict[str, Any],
+    *,
+    lr: float,
+    step: int,
+) -> list[ProbeValue]:
+    """The landscape probe (and, with ``ics``, the ICS probe at learning rate ``lr``) on the batch
+    ``loss_fn`` computes the loss of, as values measured at training step ``step``."""
+    r = landscape_probe(model, loss_fn, options["step_sizes"])
+    values = [
+        (M.LANDSCAPE_LOSS_MIN, r.loss_min, -1, step),
+        (M.LANDSCAPE_LOSS_MAX, r.loss_max, -1, step),
+        (M.LANDSCAPE_GRAD_CHANGE_MIN, r.grad_change_min, -1, step),
+        (M.LANDSCAPE_GRAD_CHANGE_MAX, r.grad_change_max, -1, step),
+        (M.LANDSCAPE_BETA, r.beta, -1, step),
+    ]
+    if options.get("ics", True):
+        ics = ics_probe(model, loss_fn, lr=lr)
+        values += [(M.ICS_L2, v, layer, step) for layer, v in enumerate(ics.l2)]
+        values += [(M.ICS_COSINE, v, layer, step) for layer, v in enumerate(ics.cosine)]
+    return values
+
+
+def landscape_rows(values: list[ProbeValue]) -> tuple[list[MetricRow], int]:
+    """Metric rows of the probes' values, then the whole-run summaries: means over the probed
+    steps (and weight layers, for ICS) of the loss range, the largest gradient change, the
+    effective beta-smoothness and the ICS values. Non-finite values are left out (the store
+    keeps numbers only) of the rows and of the means; returns the rows and how many values
+    were left out."""
+    rows = [
+        MetricRow(name, value, "train", layer=layer, step=step)
+        for name, value, layer, step in values
+        if math.isfinite(value)
+    ]
+    left_out = len(values) - len(rows)
+
+    def finite(name: str) -> dict[tuple[int, int], float]:
+        return {(r.step, r.layer): r.value for r in rows if r.name == name}
+
+    low, high = finite(M.LANDSCAPE_LOSS_MIN), finite(M.LANDSCAPE_LOSS_MAX)
+    summaries = {
+        M.LANDSCAPE_LOSS_RANGE_MEAN: [high[k] - low[k] for k in high.keys() & low.keys()],
+        M.LANDSCAPE_GRAD_PRED_MEAN: list(finite(M.LANDSCAPE_GRAD_CHANGE_MAX).values()),
+        M.LANDSCAPE_BETA_MEAN: list(finite(M.LANDSCAPE_BETA).values()),
+        M.ICS_L2_MEAN: list(finite(M.ICS_L2).values()),
+        M.ICS_COSINE_MEAN: list(finite(M.ICS_COSINE).values()),
+    }
+    rows += [MetricRow(name, math.fsum(v) / len(v), "train") for name, v in summaries.items() if v]
+    return rows, left_out
+
+
 def _run(
     spec: RunSpec,
     device: torch.device,
@@ -269,6 +334,9 @@ def _run(
 
     start_epoch, curves = 0, []
     timed_images, timed_seconds, train_seconds, earlier_wall = 0, 0.0, 0.0, 0.0
+    landscape = s.get("landscape")  # None: no probes during training
+    probe_values: list[ProbeValue] = []
+    probes, probe_seconds = 0, 0.0
     state = _load_checkpoint(checkpoint, device) if checkpoint is not None else None
     if state is not None and state.get("run_key") == spec.key:
         model.load_state_dict(state["model"])
@@ -277,6 +345,9 @@ def _run(
         start_epoch, curves = state["epoch"], state["curves"]
         timed_images, timed_seconds = state["timed_images"], state["timed_seconds"]
         train_seconds, earlier_wall = state["train_seconds"], state["wall_seconds"]
+        if landscape is not None:
+            probe_values = [tuple(v) for v in state["landscape_values"]]
+            probes, probe_seconds = state["landscape_probes"], state["landscape_seconds"]
 
     result = RunResult(status="finished", curves=curves, epochs_done=start_epoch)
     result.info = {
@@ -298,6 +369,8 @@ def _run(
         losses, correct, seen = [], torch.zeros((), device=device), 0
         epoch_start = time.perf_counter()
         timer_start = epoch_start if warmup == 0 else None
+        # Probe time, left out of the training time and of the throughput's window.
+        epoch_probe_seconds, window_probe_seconds = 0.0, 0.0
         for i, (x, y) in enumerate(train_loader):
             if i == warmup and warmup > 0:
                 synchronize(device)
@@ -317,6 +390,22 @@ def _run(
                     out = model(x)
                     return out, F.cross_entropy(out, y, label_smoothing=s["label_smoothing"])
 
+            if landscape is not None and step % landscape["every"] == 0:
+                synchronize(device)
+                probe_start = time.perf_counter()
+                probe_values += landscape_values(
+                    model,
+                    lambda forward=forward: forward()[1],
+                    landscape,
+                    lr=optimizer.param_groups[0]["lr"],
+                    step=step,
+                )
+                synchronize(device)
+                spent = time.perf_counter() - probe_start
+                probes, probe_seconds = probes + 1, probe_seconds + spent
+                epoch_probe_seconds += spent
+                window_probe_seconds += spent if timer_start is not None else 0.0
+
             try:
                 out, loss = training_step(optimizer, forward)
             except NonFiniteStep as err:
@@ -330,10 +419,10 @@ def _run(
             progress.on_step(step)
         synchronize(device)
         now = time.perf_counter()
-        train_seconds += now - epoch_start
+        train_seconds += now - epoch_start - epoch_probe_seconds
         if timer_start is not None and result.status == "finished":
             timed_images += (steps_per_epoch - warmup) * s["batch_size"]
-            timed_seconds += now - timer_start
+            timed_seconds += now - timer_start - window_probe_seconds
         if result.status == "diverged":
             break
         evaluation = evaluate(model, test_loader, dtype, progress.on_eval_batch)
@@ -360,6 +449,9 @@ def _run(
                     "timed_seconds": timed_seconds,
                     "train_seconds": train_seconds,
                     "wall_seconds": earlier_wall + time.perf_counter() - wall_start,
+                    "landscape_values": [list(v) for v in probe_values],
+                    "landscape_probes": probes,
+                    "landscape_seconds": probe_seconds,
                 },
             )
         progress.on_epoch(epoch + 1, values)  # after the checkpoint: what it reports is saved
@@ -383,6 +475,17 @@ def _run(
             rows += evaluate_corruptions(
                 model, spec, device, dtype, eval_loader, cset, result, progress
             )
+    if landscape is not None:
+        probe_rows, left_out = landscape_rows(probe_values)
+        rows += probe_rows
+        result.info["landscape"] = {
+            "every": landscape["every"],
+            "step_sizes": list(landscape["step_sizes"]),
+            "ics": landscape.get("ics", True),
+            "probes": probes,
+            "seconds": probe_seconds,
+            "nonfinite_values": left_out,
+        }
     # Wall time sums the sessions of a resumed run (each from its own start, data loading included).
     rows.append(MetricRow(M.WALL_TIME, earlier_wall + time.perf_counter() - wall_start))
     rows.append(MetricRow(M.PEAK_MEMORY, memory.peak_mb()))  # before the speed check's models

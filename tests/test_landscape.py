@@ -4,6 +4,7 @@ classify runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,9 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normbench import metrics as M
 from normbench.errors import NormbenchError
 from normbench.landscape import ics_probe, landscape_probe, weight_layers
 from normbench.norms import create_norm
+from normbench.suites import load_suite, plan
+from runners import classify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -323,3 +327,113 @@ def test_bad_input_is_refused_with_the_reason(call, message):
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(NormbenchError, match="no trainable parameters"):
         landscape_probe(frozen, lambda: frozen(torch.ones(2)).sum(), [0.1])
+
+
+# --- probes in real classify runs -----------------------------------------------------------------
+
+LANDSCAPE_NAMES = (
+    M.LANDSCAPE_LOSS_MIN, M.LANDSCAPE_LOSS_MAX, M.LANDSCAPE_GRAD_CHANGE_MIN,
+    M.LANDSCAPE_GRAD_CHANGE_MAX, M.LANDSCAPE_BETA,
+)  # fmt: skip
+SUMMARIES = (
+    M.LANDSCAPE_LOSS_RANGE_MEAN, M.LANDSCAPE_GRAD_PRED_MEAN, M.LANDSCAPE_BETA_MEAN,
+    M.ICS_L2_MEAN, M.ICS_COSINE_MEAN,
+)  # fmt: skip
+PROBE_NAMES = {*LANDSCAPE_NAMES, M.ICS_L2, M.ICS_COSINE, *SUMMARIES}
+
+
+def smoke_spec(norm: str = "noisy_batchnorm", **settings):
+    """The landscape suite's smoke run (a 5-layer VGG of width 8, 16 steps of 64 images, probes
+    every 5 steps) with ``settings`` changed."""
+    spec = plan(load_suite("landscape"), "smoke", norms=[norm], optimizers=["sgd"])[0]
+    return dataclasses.replace(spec, settings={**spec.settings, **settings})
+
+
+def probe_rows(result) -> dict[tuple[str, int, int], float]:
+    return {(r.name, r.layer, r.step): r.value for r in result.metrics if r.name in PROBE_NAMES}
+
+
+def test_a_run_with_the_landscape_option_probes_on_schedule_and_trains_as_without(cifar_dir):
+    cpu = torch.device("cpu")
+    spec = smoke_spec()
+    result = classify.run(spec, device=cpu, data_dir=cifar_dir)
+    assert result.status == "finished"
+    rows = probe_rows(result)
+    steps = [0, 5, 10, 15]  # 16 steps, every 5, each before that step's update
+    for name in LANDSCAPE_NAMES:
+        assert sorted(s for n, layer, s in rows if n == name and layer == -1) == steps, name
+    for name in (M.ICS_L2, M.ICS_COSINE):  # the VGG's 4 convolutions and its classifier
+        assert sorted((s, layer) for n, layer, s in rows if n == name) == [
+            (s, layer) for s in steps for layer in range(5)
+        ]
+    for name in SUMMARIES:
+        assert (name, -1, -1) in rows, name
+    assert all(math.isfinite(v) for v in rows.values())
+    assert all(r.split == "train" for r in result.metrics if r.name in PROBE_NAMES)
+    for s in steps:
+        assert rows[M.LANDSCAPE_LOSS_MIN, -1, s] <= rows[M.LANDSCAPE_LOSS_MAX, -1, s]
+        assert rows[M.LANDSCAPE_BETA, -1, s] > 0
+    assert all(-1 <= v <= 1 for (n, _, _), v in rows.items() if n == M.ICS_COSINE)
+    loss_range = [
+        rows[M.LANDSCAPE_LOSS_MAX, -1, s] - rows[M.LANDSCAPE_LOSS_MIN, -1, s] for s in steps
+    ]
+    assert rows[M.LANDSCAPE_LOSS_RANGE_MEAN, -1, -1] == pytest.approx(sum(loss_range) / 4)
+    info = result.info["landscape"]
+    assert info["probes"] == 4 and info["seconds"] > 0 and info["nonfinite_values"] == 0
+    assert (info["every"], info["step_sizes"], info["ics"]) == (5, [0.05, 0.2, 0.4], True)
+
+    # Off: the rows of a run without probes, and the same training to the last bit.
+    off = classify.run(smoke_spec(landscape=None), device=cpu, data_dir=cifar_dir)
+    assert not probe_rows(off) and "landscape" not in off.info
+    kept = {(r.name, r.split, r.layer, r.step) for r in result.metrics if r.name not in PROBE_NAMES}
+    assert kept == {(r.name, r.split, r.layer, r.step) for r in off.metrics}
+    assert off.curves == result.curves
+    values = {r.name: r.value for r in result.metrics if r.name in (M.ACCURACY, M.LOSS, M.ECE)}
+    assert values == {r.name: r.value for r in off.metrics if r.name in values}
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_resumed_run_keeps_every_probe_row(cifar_dir, tmp_path):
+    cpu = torch.device("cpu")
+    # Two epochs of 8 steps, a probe every 3 steps: steps 0, 3, 6 | 9, 12, 15.
+    spec = smoke_spec(epochs=2, train_subset=512, landscape={"every": 3, "step_sizes": [0.1],
+                                                             "ics": True})  # fmt: skip
+    straight = classify.run(spec, device=cpu, data_dir=cifar_dir)
+
+    def stop_after_first(epoch, values):
+        if epoch == 1:
+            raise Stop
+
+    ckpt = tmp_path / "ckpt" / "state.pt"
+    with pytest.raises(Stop):
+        classify.run(spec, device=cpu, data_dir=cifar_dir, checkpoint=ckpt,
+                     progress=classify.Progress(on_epoch=stop_after_first))  # fmt: skip
+    resumed = classify.run(spec, device=cpu, data_dir=cifar_dir, checkpoint=ckpt)
+    assert resumed.info["resumed_from_epoch"] == 1
+    rows, again = probe_rows(straight), probe_rows(resumed)
+    assert sorted({s for _, _, s in rows if s >= 0}) == [0, 3, 6, 9, 12, 15]
+    assert again.keys() == rows.keys()
+    for key, value in rows.items():
+        assert again[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert resumed.info["landscape"]["probes"] == straight.info["landscape"]["probes"] == 6
+
+
+def test_non_finite_probe_values_are_left_out_and_counted():
+    values = [
+        (M.LANDSCAPE_LOSS_MIN, 1.0, -1, 0), (M.LANDSCAPE_LOSS_MAX, 3.0, -1, 0),
+        (M.LANDSCAPE_LOSS_MIN, math.nan, -1, 5), (M.LANDSCAPE_LOSS_MAX, math.inf, -1, 5),
+        (M.LANDSCAPE_BETA, 2.0, -1, 0), (M.LANDSCAPE_BETA, 4.0, -1, 5),
+        (M.ICS_L2, 0.5, 0, 0), (M.ICS_L2, 1.5, 1, 0),
+    ]  # fmt: skip
+    rows, left_out = classify.landscape_rows(values)
+    assert left_out == 2
+    by_key = {(r.name, r.layer, r.step): r.value for r in rows}
+    assert (M.LANDSCAPE_LOSS_MIN, -1, 5) not in by_key
+    assert by_key[M.LANDSCAPE_LOSS_RANGE_MEAN, -1, -1] == 2.0  # step 0 only
+    assert by_key[M.LANDSCAPE_BETA_MEAN, -1, -1] == 3.0
+    assert by_key[M.ICS_L2_MEAN, -1, -1] == 1.0
+    assert (M.ICS_COSINE_MEAN, -1, -1) not in by_key  # nothing to average
+    assert all(math.isfinite(r.value) for r in rows)
