@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -207,9 +209,12 @@ def estimate_runs(
     data: dict[str, DataInfo],
     here: dict,
     time_ratios: dict[str, float] | None = None,
+    data_dir: str | Path | None = None,
 ) -> None:
     """Each remaining run's estimated seconds: from the earlier runs with its settings on this
     machine (``here``: its provenance), else calibrated (once per norm and model setting).
+    A calibrated probe run also pays its worker's start (measured once: a fresh process that
+    imports the runner and loads the dataset), which is most of a short probe run.
 
     A submitted norm's code never runs here: its calibration is BatchNorm's, slowed by the time
     ratio its contract check measured (``time_ratios``, by base name)."""
@@ -236,6 +241,10 @@ def estimate_runs(
             if key not in calibrated:
                 calibrated[key] = _calibrate(spec, device, d)
             rates, basis = calibrated[key]
+            if spec.task == "probe" and rates is not None:
+                start = _worker_start_seconds(spec.dataset, data_dir)
+                rates = dataclasses.replace(rates, other=rates.other + start)
+                basis += f" + {start:.0f} s worker start"
             if base.startswith(NAMESPACE):
                 if rates is not None and ratio and math.isfinite(ratio) and ratio > 0:
                     rates = Rates(rates.train / ratio, rates.evaluation / ratio, rates.other)
@@ -248,6 +257,25 @@ def estimate_runs(
                 p.spec, rates, d.train_size, d.test_size, p.resume_epoch or 0
             )
         p.estimate = Estimate(breakdown, rates, basis)
+
+
+@functools.cache
+def _worker_start_seconds(dataset: str, data_dir: str | Path | None) -> float:
+    """Seconds a fresh process takes to import the runners and load ``dataset`` from the
+    cache: what every run pays before its first step, and most of a short probe run."""
+    code = (
+        "import sys, runners.probe, runners.classify\n"
+        "from normbench.data import load_dataset\n"
+        "load_dataset(sys.argv[1], 'train', sys.argv[2] or None)"
+    )
+    with progress.task("timing a worker's start for the estimate", total=None):
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-c", code, dataset, str(data_dir or "")],
+            capture_output=True,
+            check=False,
+        )
+    return time.perf_counter() - start if done.returncode == 0 else 0.0
 
 
 def _calibrate(spec: RunSpec, device: torch.device, d: DataInfo) -> tuple[Rates | None, str]:
@@ -336,7 +364,7 @@ def run_suite(
         data = check_data([p.spec for p in planned if not p.skip], data_dir)
         here = provenance(device)
         ratios = {s["name"]: s.get("time_ratio") for s in submissions}
-        estimate_runs(planned, store, device, data, here, ratios)
+        estimate_runs(planned, store, device, data, here, ratios, data_dir)
         print_plan(planned, device, console)
         outcomes = Orchestrator(
             planned, store, executor, device=device, data_dir=data_dir, force=force,

@@ -15,6 +15,7 @@ from normbench.models import (
     CONV_BLOCKS,
     MODELS,
     NORM_ACT,
+    PROBES,
     RESIDUAL_GATE,
     WideBlock,
     check_model_supports,
@@ -82,7 +83,7 @@ def test_parameter_counts_match_the_papers_and_the_architecture(num_classes):
 
 def test_capabilities_leave_out_conv_blocks():
     for name in WRNS:
-        assert MODELS.info(name).capabilities == {RESIDUAL_GATE, NORM_ACT}, name
+        assert MODELS.info(name).capabilities == {RESIDUAL_GATE, NORM_ACT, PROBES}, name
         assert MODELS.info(name).description
 
 
