@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import enum
 import inspect
+import json
 from dataclasses import dataclass
 
 import pandas as pd
@@ -474,3 +475,365 @@ def pareto_front(df: pd.DataFrame, x: str, y: str) -> pd.Series:
         dominated = (at_least & ((valid[x] > xi) | (valid[y] > yi))).any()
         front[i] = not dominated
     return front
+
+
+# --- Analysis: initialization probes and landscape probes ---------------------------------
+
+#: The task of the initialization probe runs.
+PROBE_TASK = "probe"
+#: Runs the Analysis page reads: a diverged run's rows before it blew up are measurements too.
+ANALYSED_STATUSES = (RunStatus.finished, RunStatus.diverged)
+#: Per-block and per-convolution probe values, drawn against the layer index.
+PROBE_PROFILES = (M.PROBE_ACT_VAR, M.PROBE_COSINE, M.PROBE_STABLE_RANK, M.PROBE_GRAD_NORM)
+#: Whole-model probe summaries (layer -1) at each probed step.
+PROBE_SUMMARIES = (M.PROBE_ACT_GROWTH, M.PROBE_LAST_COSINE, M.PROBE_LAST_STABLE_RANK,
+                   M.PROBE_GRAD_RATIO)  # fmt: skip
+#: Landscape values at each probed training step (layer -1).
+LANDSCAPE_CURVES = (M.LANDSCAPE_LOSS_MIN, M.LANDSCAPE_LOSS_MAX, M.LANDSCAPE_GRAD_CHANGE_MIN,
+                    M.LANDSCAPE_GRAD_CHANGE_MAX, M.LANDSCAPE_BETA)  # fmt: skip
+#: Whole-run landscape and ICS summaries (step -1, layer -1).
+LANDSCAPE_SUMMARIES = (M.LANDSCAPE_LOSS_RANGE_MEAN, M.LANDSCAPE_GRAD_PRED_MEAN,
+                       M.LANDSCAPE_BETA_MEAN, M.ICS_L2_MEAN, M.ICS_COSINE_MEAN)  # fmt: skip
+_LANDSCAPE_ROWS = (*LANDSCAPE_CURVES, *LANDSCAPE_SUMMARIES, M.ICS_L2, M.ICS_COSINE)
+
+
+def _model_label():
+    """A probe run's model with its arguments (``settings.model_label``), else its model."""
+    return func.coalesce(Run.config[("settings", "model_label")].as_string(), Run.model)
+
+
+def _probe_runs_filter(sel: Selection) -> tuple:
+    return (*sel.runs(), Run.task == PROBE_TASK, Run.status.in_(ANALYSED_STATUSES))
+
+
+def probe_runs(engine: Engine, sel: Selection) -> pd.DataFrame:
+    """The probe runs (finished or diverged) of ``sel``. Columns: id, norm, optimizer, seed,
+    status, error, model, model_label, depth (``model_args["depth"]``, else NA), family (the
+    model with its arguments other than depth: the runs that differ only in depth)."""
+    query = (
+        select(
+            Run.id, Run.norm, Run.optimizer, Run.seed, Run.status, Run.error, Run.model, Run.config
+        )  # fmt: skip
+        .where(*_probe_runs_filter(sel))
+        .order_by(Run.id)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    records = []
+    for run_id, norm, optimizer, seed, status, error, model, config in rows:
+        settings = (config or {}).get("settings") or {}
+        args = settings.get("model_args") or {}
+        depth = args.get("depth")
+        # written as the suites write model labels, so a family reads like one: vgg(width=16)
+        others = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(args.items()) if k != "depth")
+        records.append({
+            "id": run_id, "norm": norm, "optimizer": optimizer, "seed": seed,
+            "status": getattr(status, "value", status), "error": error or "", "model": model,
+            "model_label": settings.get("model_label") or model,
+            "depth": depth if isinstance(depth, int) and not isinstance(depth, bool) else None,
+            "family": f"{model}({others})" if others else model,
+        })  # fmt: skip
+    columns = ["id", "norm", "optimizer", "seed", "status", "error", "model", "model_label",
+               "depth", "family"]  # fmt: skip
+    df = pd.DataFrame(records, columns=columns)
+    df["depth"] = df.depth.astype("Int64")
+    return df
+
+
+def probe_steps(engine: Engine, sel: Selection, model_label: str) -> list[int]:
+    """The training steps ``model_label``'s probe runs measured at, ascending."""
+    query = (
+        select(Metric.step)
+        .join(Run, Metric.run_id == Run.id)
+        .where(
+            *_probe_runs_filter(sel),
+            _model_label() == model_label,
+            Metric.name.in_(PROBE_PROFILES),
+            Metric.step >= 0,
+        )  # fmt: skip
+        .distinct()
+        .order_by(Metric.step)
+    )
+    with engine.connect() as conn:
+        return [int(s) for s in conn.scalars(query)]
+
+
+def probe_profiles(engine: Engine, sel: Selection, model_label: str, step: int) -> pd.DataFrame:
+    """The per-block and per-convolution probe values of ``model_label`` at training ``step``,
+    over seeds. Columns: norm, name, layer, mean, min, max, n (seeds)."""
+    query = (
+        select(
+            Run.norm,
+            Metric.name,
+            Metric.layer,
+            func.avg(Metric.value),
+            func.min(Metric.value),
+            func.max(Metric.value),
+            func.count(Metric.value),
+        )  # fmt: skip
+        .join(Metric, Metric.run_id == Run.id)
+        .where(
+            *_probe_runs_filter(sel),
+            _model_label() == model_label,
+            Metric.name.in_(PROBE_PROFILES),
+            Metric.step == step,
+            Metric.layer >= 0,
+        )  # fmt: skip
+        .group_by(Run.norm, Metric.name, Metric.layer)
+        .order_by(Run.norm, Metric.name, Metric.layer)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return pd.DataFrame(rows, columns=["norm", "name", "layer", "mean", "min", "max", "n"])
+
+
+def probe_summaries(engine: Engine, sel: Selection, step: int) -> pd.DataFrame:
+    """The whole-model probe summaries of every probe run of ``sel`` at training ``step``, one
+    row per run and name. Columns: run_id, name, value."""
+    query = (
+        select(Metric.run_id, Metric.name, Metric.value)
+        .join(Run, Metric.run_id == Run.id)
+        .where(
+            *_probe_runs_filter(sel),
+            Metric.name.in_(PROBE_SUMMARIES),
+            Metric.step == step,
+            Metric.layer == -1,
+        )  # fmt: skip
+        .order_by(Metric.run_id, Metric.name)
+    )
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(query).all(), columns=["run_id", "name", "value"])
+
+
+def probe_divergences(engine: Engine, sel: Selection) -> pd.DataFrame:
+    """The diverged probe runs of ``sel`` with the block where activations first went non-finite
+    and the step it happened at (NA where the run did not record them). Columns: run_id,
+    model_label, norm, seed, step, block, reason."""
+    nonfinite = (
+        select(Metric.run_id, Metric.step, Metric.value)
+        .where(Metric.name == M.PROBE_NONFINITE_LAYER)
+        .subquery()
+    )
+    query = (
+        select(
+            Run.id,
+            _model_label(),
+            Run.norm,
+            Run.seed,
+            nonfinite.c.step,
+            nonfinite.c.value,
+            Run.error,
+        )  # fmt: skip
+        .outerjoin(nonfinite, nonfinite.c.run_id == Run.id)
+        .where(*sel.runs(), Run.task == PROBE_TASK, Run.status == RunStatus.diverged)
+        .order_by(Run.id, nonfinite.c.step)
+    )
+    columns = ["run_id", "model_label", "norm", "seed", "step", "block", "reason"]
+    with engine.connect() as conn:
+        df = pd.DataFrame(conn.execute(query).all(), columns=columns)
+    df["step"] = df.step.astype("Int64")
+    df["block"] = df.block.round().astype("Int64")
+    df["reason"] = df.reason.fillna("")
+    return df
+
+
+def _landscape_runs(sel: Selection):
+    """The ids of the (finished or diverged) runs of ``sel`` that stored landscape rows."""
+    return (
+        select(Metric.run_id)
+        .join(Run, Metric.run_id == Run.id)
+        .where(*sel.runs(), Run.status.in_(ANALYSED_STATUSES), Metric.name.in_(_LANDSCAPE_ROWS))
+        .distinct()
+    )
+
+
+def landscape_curves(engine: Engine, sel: Selection) -> pd.DataFrame:
+    """The landscape values over training steps, per norm and optimizer, over seeds. Columns:
+    norm, optimizer, name, step, mean, min, max, n (seeds)."""
+    query = (
+        select(
+            Run.norm,
+            Run.optimizer,
+            Metric.name,
+            Metric.step,
+            func.avg(Metric.value),
+            func.min(Metric.value),
+            func.max(Metric.value),
+            func.count(Metric.value),
+        )  # fmt: skip
+        .join(Metric, Metric.run_id == Run.id)
+        .where(
+            *sel.runs(),
+            Run.status.in_(ANALYSED_STATUSES),
+            Metric.name.in_(LANDSCAPE_CURVES),
+            Metric.step >= 0,
+            Metric.layer == -1,
+        )  # fmt: skip
+        .group_by(Run.norm, Run.optimizer, Metric.name, Metric.step)
+        .order_by(Run.norm, Run.optimizer, Metric.name, Metric.step)
+    )
+    columns = ["norm", "optimizer", "name", "step", "mean", "min", "max", "n"]
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(query).all(), columns=columns)
+
+
+def ics_layers(engine: Engine, sel: Selection) -> pd.DataFrame:
+    """Internal covariate shift per weight layer, averaged over the probed steps and seeds.
+    Columns: norm, optimizer, name (ics_l2 or ics_cosine), layer, mean, n (values averaged)."""
+    query = (
+        select(
+            Run.norm,
+            Run.optimizer,
+            Metric.name,
+            Metric.layer,
+            func.avg(Metric.value),
+            func.count(Metric.value),
+        )  # fmt: skip
+        .join(Metric, Metric.run_id == Run.id)
+        .where(
+            *sel.runs(),
+            Run.status.in_(ANALYSED_STATUSES),
+            Metric.name.in_((M.ICS_L2, M.ICS_COSINE)),
+            Metric.step >= 0,
+            Metric.layer >= 0,
+        )  # fmt: skip
+        .group_by(Run.norm, Run.optimizer, Metric.name, Metric.layer)
+        .order_by(Run.norm, Run.optimizer, Metric.name, Metric.layer)
+    )
+    columns = ["norm", "optimizer", "name", "layer", "mean", "n"]
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(query).all(), columns=columns)
+
+
+def landscape_summary(engine: Engine, sel: Selection) -> pd.DataFrame:
+    """Per norm and optimizer of the runs with landscape rows: the whole-run summaries (mean over
+    seeds, one column each, NaN where none was stored), the clean test accuracy (mean over the
+    seeds that have one), ``seeds`` and ``diverged`` (runs)."""
+    runs = _landscape_runs(sel).subquery()
+    wanted = (
+        (Metric.name.in_(LANDSCAPE_SUMMARIES) & (Metric.step == -1) & (Metric.layer == -1))
+        | ((Metric.name == M.ACCURACY) & (Metric.split == "test") & (Metric.corruption == "")
+           & (Metric.severity == 0))
+    )  # fmt: skip
+    values = (
+        select(Run.norm, Run.optimizer, Metric.name, func.avg(Metric.value))
+        .join(Metric, Metric.run_id == Run.id)
+        .where(Run.id.in_(select(runs.c.run_id)), wanted)
+        .group_by(Run.norm, Run.optimizer, Metric.name)
+    )
+    counts = (
+        select(Run.norm, Run.optimizer, Run.status, func.count(Run.id))
+        .where(Run.id.in_(select(runs.c.run_id)))
+        .group_by(Run.norm, Run.optimizer, Run.status)
+    )
+    with engine.connect() as conn:
+        value_rows, count_rows = conn.execute(values).all(), conn.execute(counts).all()
+    columns = ["norm", "optimizer", *LANDSCAPE_SUMMARIES, M.ACCURACY, "seeds", "diverged"]
+    if not count_rows:
+        return pd.DataFrame(columns=columns)
+    counts_df = pd.DataFrame(count_rows, columns=["norm", "optimizer", "status", "runs"])
+    counts_df["diverged"] = counts_df.runs.where(counts_df.status == RunStatus.diverged, 0)
+    table = counts_df.groupby(["norm", "optimizer"]).agg(
+        seeds=("runs", "sum"), diverged=("diverged", "sum")
+    )
+    if value_rows:
+        wide = pd.DataFrame(value_rows, columns=["norm", "optimizer", "name", "value"]).pivot(
+            index=["norm", "optimizer"], columns="name", values="value"
+        )
+        table = table.join(wide)
+    return table.reset_index().reindex(columns=columns)
+
+
+# --- Analysis readings: each norm against BatchNorm, in words ------------------------------
+
+#: Within this factor of BatchNorm's value a ratio reads as "about the same".
+SAME_FACTOR = 1.5
+#: Within this difference of BatchNorm's, an average cosine similarity reads as "about the same".
+SAME_COSINE = 0.05
+
+
+def times(value: float) -> str:
+    """A ratio for a sentence: 27x, 1.4x, 0.031x, 3.2e+07x."""
+    if abs(value) >= 1e5:
+        return f"{value:.1e}x"
+    return f"{value:.0f}x" if abs(value) >= 10 else f"{value:.2g}x"
+
+
+def _ratio_word(ratio: float, higher: str, lower: str) -> str:
+    if ratio > SAME_FACTOR:
+        return higher
+    return lower if ratio < 1 / SAME_FACTOR else "about the same"
+
+
+def _present(value) -> bool:
+    return value is not None and not pd.isna(value)
+
+
+def probe_readings(table: pd.DataFrame, reference: str = REFERENCE_NORM) -> dict[str, str]:
+    """One sentence per norm of ``table`` (indexed by norm; columns growth, blocks, last_cosine,
+    first_grad_norm, NaN where not measured) against ``reference``'s row; without a reference
+    row, the norm's own numbers. The reference gets no sentence of its own."""
+    ref = table.loc[reference] if reference in table.index else None
+    readings = {}
+    for norm, row in table.iterrows():
+        if norm == reference:
+            continue
+        parts = []
+        if _present(row.growth):
+            blocks = f" over {int(row.blocks)} blocks" if _present(row.blocks) else ""
+            part = f"activation growth {times(row.growth)}{blocks}"
+            if ref is not None and _present(ref.growth) and ref.growth > 0:
+                word = _ratio_word(row.growth / ref.growth, "faster growth", "slower growth")
+                part += f" vs BatchNorm's {times(ref.growth)} ({word})"
+            parts.append(part)
+        else:
+            parts.append("activation growth not measured")
+        if _present(row.last_cosine):
+            part = f"last-block sample similarity {row.last_cosine:.2f}"
+            if ref is not None and _present(ref.last_cosine):
+                diff = row.last_cosine - ref.last_cosine
+                word = "about the same"
+                if abs(diff) > SAME_COSINE:  # alike samples: deeper layers see less of the input
+                    word = "less informative" if diff > 0 else "more informative"
+                part += f" vs {ref.last_cosine:.2f} ({word})"
+            parts.append(part)
+        if _present(row.first_grad_norm):
+            if ref is not None and _present(ref.first_grad_norm) and ref.first_grad_norm > 0:
+                ratio = row.first_grad_norm / ref.first_grad_norm
+                parts.append(f"first-layer gradient norm {times(ratio)} BatchNorm's")
+            else:
+                parts.append(f"first-layer gradient norm {row.first_grad_norm:.3g}")
+        readings[norm] = f"{norm}: " + "; ".join(parts)
+    return readings
+
+
+def landscape_readings(table: pd.DataFrame, reference: str = REFERENCE_NORM) -> dict[str, str]:
+    """One sentence per run label ("norm + optimizer") of ``table`` (a
+    :func:`landscape_summary` frame) against ``reference`` with the same optimizer; where that
+    has no row, the sentence says so."""
+    readings = {}
+    for row in table.itertuples(index=False):
+        if row.norm == reference:
+            continue
+        label = f"{row.norm} + {row.optimizer}"
+        ref = table[(table.norm == reference) & (table.optimizer == row.optimizer)]
+        if ref.empty:
+            readings[label] = f"{label}: no BatchNorm + {row.optimizer} landscape run to compare"
+            continue
+        ref = ref.iloc[0]
+        parts = []
+        for column, what, higher, lower in (
+            (M.LANDSCAPE_BETA_MEAN, "beta-smoothness", "rougher landscape", "smoother landscape"),
+            (M.LANDSCAPE_LOSS_RANGE_MEAN, "loss range", "wider loss variation",
+             "narrower loss variation"),
+            (M.LANDSCAPE_GRAD_PRED_MEAN, "gradient change", "less predictive gradients",
+             "more predictive gradients"),
+            (M.ICS_L2_MEAN, "ICS (l2)", "more covariate shift", "less covariate shift"),
+        ):  # fmt: skip
+            mine, theirs = getattr(row, column), ref[column]
+            if _present(mine) and _present(theirs) and theirs > 0:
+                ratio = mine / theirs
+                parts.append(f"{what} {times(ratio)} BatchNorm's "
+                             f"({_ratio_word(ratio, higher, lower)})")  # fmt: skip
+        readings[label] = f"{label}: " + ("; ".join(parts) or "no summary to compare")
+    return readings
