@@ -223,3 +223,74 @@ def test_probe_board_summarises_per_model_and_norm(tmp_path):
     bn7 = later[later.norm == "batchnorm"].iloc[0]
     assert bn7[f"{M.PROBE_ACT_GROWTH}_mean"] == 8.0 and bn7["n"] == 1
     assert probe_board(store.engine, "p", "smoke", protocol_version=2).empty
+
+
+# --- end to end: normbench run / leaderboard on real CIFAR-10 ------------------------------------
+
+E2E_SUITE = """
+name = "probe-e2e"
+description = "probe suite for tests"
+protocol_version = 1
+task = "probe"
+dataset = "cifar10"
+norms = ["batchnorm", "none"]
+optimizers = ["sgd"]
+seeds = [0]
+reference = { norm = "batchnorm", optimizer = "sgd" }
+
+[budgets.smoke]
+models = [{ model = "vgg", model_args = { depth = 5, width = 4 } }]
+batch_size = 8
+batches = 2
+train_subset = 256
+optimizers.sgd = { lr = 0.1 }
+"""
+
+
+def test_probe_suite_runs_end_to_end_and_a_diverged_probe_is_a_finding(cifar_dir, tmp_path):
+    import json
+
+    import fixtures.failing_norms  # noqa: F401 - registers test-explodes (workers import it too)
+
+    from tests.helpers import invoke
+
+    path = tmp_path / "probe-e2e.toml"
+    path.write_text(E2E_SUITE)
+    db = tmp_path / "probes.db"
+    result = invoke("run", f"--suite={path}", "--budget=smoke", f"--db={db}", "--device=cpu",
+                    "--norms=batchnorm,none,test-explodes")  # fmt: skip
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "Summary: 2 finished, 1 diverged" in text, text
+    assert "batchnorm in vgg(depth=5, width=4) (seed 0): activation growth" in text
+    assert "non-finite activations at block 1" in text, text
+
+    store = open_store(f"sqlite:///{db}", readonly=True)
+    with store.session() as s:
+        from sqlalchemy import select
+
+        from normbench.store.models import Metric, Run
+
+        runs = {r.norm: r for r in s.scalars(select(Run))}
+        assert runs["test-explodes"].status is RunStatus.diverged
+        assert runs["test-explodes"].diverged_step == 0
+        rows = s.execute(
+            select(Metric.name, Metric.layer, Metric.step, Metric.value).where(
+                Metric.run_id == runs["batchnorm"].id
+            )
+        ).all()
+    per_block = sorted(layer for name, layer, step, _ in rows if name == M.PROBE_ACT_VAR)
+    assert per_block == [0, 1, 2, 3]  # VGG-5: four conv blocks, probed at step 0
+    assert {step for name, _, step, _ in rows if name.startswith("probe_")} == {0}
+    assert sorted(layer for name, layer, _, _ in rows if name == M.PROBE_GRAD_NORM) == [0, 1, 2, 3]
+
+    board = invoke("leaderboard", f"--suite={path}", "--budget=smoke", f"--db={db}",
+                   "--format=json")  # fmt: skip
+    assert board.exit_code == 0, board.output
+    table = {r["norm"]: r for r in json.loads(board.stdout)}
+    assert table["test-explodes"]["nonfinite_block"] == 1
+    assert table["test-explodes"]["status"] == "1 diverged"
+    assert table["batchnorm"][f"{M.PROBE_ACT_GROWTH}_mean"] > 0 and table["batchnorm"]["n"] == 1
+    shown = invoke("leaderboard", f"--suite={path}", "--budget=smoke", f"--db={db}")
+    assert "similarity" in shown.output and "probes at step 0" in shown.output
+    assert "vgg(depth=5" in shown.output and "test-explodes" in shown.output
