@@ -18,6 +18,8 @@ much faster or slower the run goes than its estimate said.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import statistics
 import time
@@ -135,13 +137,40 @@ def run_breakdown(
         return Breakdown(train=work, evaluation=0.0, corruptions=0.0, speed_check=0.0,
                          other=rates.other)  # fmt: skip
     epochs = max(s["epochs"] - epochs_done, 0)
+    steps_per_epoch = train_images_per_epoch(spec, train_size) // s["batch_size"]
+    probe_passes = landscape_passes(spec, epochs * steps_per_epoch)
     return Breakdown(
         train=epochs * train_images_per_epoch(spec, train_size) / rates.train,
         evaluation=epochs * test_images(spec, test_size) / rates.evaluation,
         corruptions=corruption_images(spec, test_size) / rates.evaluation,
         speed_check=speed_check_seconds(s["speed_pairs"], s["batch_size"] / rates.train),
-        other=rates.other,
+        other=rates.other + probe_passes * s["batch_size"] / rates.train,
     )
+
+
+def landscape_passes(spec: RunSpec, steps: int) -> int:
+    """Forward/backward passes the landscape probes of ``steps`` training steps add (each costs
+    about a training step): per probe, the gradient at w and one pass per step size, and with ICS
+    one pass per weight layer more."""
+    options = spec.settings.get("landscape")
+    if not options or steps <= 0:
+        return 0
+    per_probe = 1 + len(options["step_sizes"])
+    if options["ics"]:
+        per_probe += _weight_layers(spec.settings["model"], json.dumps(spec.settings["model_args"]))
+    return math.ceil(steps / options["every"]) * per_probe
+
+
+@functools.cache
+def _weight_layers(model: str, model_args: str) -> int:
+    """Convolutions and linear layers of ``model`` with BatchNorm, built on the meta device."""
+    from normbench.landscape import weight_layers
+    from normbench.models import conv_norm_factory, create_model
+
+    with torch.device("meta"):
+        net = create_model(model, block=conv_norm_factory("batchnorm"), num_classes=10,
+                           **json.loads(model_args))  # fmt: skip
+    return len(weight_layers(net))
 
 
 def suite_seconds(

@@ -213,8 +213,8 @@ def estimate_runs(
 ) -> None:
     """Each remaining run's estimated seconds: from the earlier runs with its settings on this
     machine (``here``: its provenance), else calibrated (once per norm and model setting).
-    A calibrated probe run also pays its worker's start (measured once: a fresh process that
-    imports the runner and loads the dataset), which is most of a short probe run.
+    A calibrated run also pays its worker's start (measured once: a fresh process that imports
+    the runners and loads the dataset), which is most of a short probe or smoke run.
 
     A submitted norm's code never runs here: its calibration is BatchNorm's, slowed by the time
     ratio its contract check measured (``time_ratios``, by base name)."""
@@ -241,7 +241,7 @@ def estimate_runs(
             if key not in calibrated:
                 calibrated[key] = _calibrate(spec, device, d)
             rates, basis = calibrated[key]
-            if spec.task == "probe" and rates is not None:
+            if rates is not None:
                 start = _worker_start_seconds(spec.dataset, data_dir)
                 rates = dataclasses.replace(rates, other=rates.other + start)
                 basis += f" + {start:.0f} s worker start"
