@@ -33,18 +33,22 @@ GRAD0 = {"batchnorm": 2.0, "groupnorm": 2.8, "layernorm": 2.0, "none": 20.0}
 NONFINITE_BLOCK = 3  # where the diverged probe (none, vgg depth 6, seed 1) blew up
 
 
-def probe_rows(norm: str, blocks: int, seed: int, step: int, blew_up: int | None) -> list:
+def probe_rows(
+    norm: str, blocks: int, seed: int, step: int, blew_up: int | None, gated: bool = False
+) -> list:
+    """``gated``: the last convolution's gradient norm is 0, as behind a SkipInit gate at 0."""
     scale, later = 1 + seed / 10, 0.1 if step else 0.0
     rows = []
     for b in range(blocks):
         variance = float("inf") if blew_up is not None and b >= blew_up else BASE[norm] ** b
+        grad = 0.0 if gated and b == blocks - 1 else GRAD0[norm] * scale / (b + 1)
         at = {"split": "train", "layer": b, "step": step}
         rows += [
             MetricRow(M.PROBE_ACT_VAR, variance * scale, **at),
             MetricRow(M.PROBE_ACT_VAR_STD, 0.01, **at),
             MetricRow(M.PROBE_COSINE, COS[norm] + later + b / 20 + seed / 50, **at),
             MetricRow(M.PROBE_STABLE_RANK, 8 / (b + 1), **at),
-            MetricRow(M.PROBE_GRAD_NORM, GRAD0[norm] * scale / (b + 1), **at),
+            MetricRow(M.PROBE_GRAD_NORM, grad, **at),
         ]
     whole = {"split": "train", "step": step}
     if blew_up is not None:
@@ -127,7 +131,8 @@ def analysis_db(tmp_path_factory) -> tuple[Path, dict[str, int]]:
             for seed in (0, 1) if model == "vgg" else (0,):
                 diverges = (label, norm, seed) == ("vgg(depth=6)", "none", 1)
                 blew_up = NONFINITE_BLOCK if diverges else None
-                rows = [r for s in steps for r in probe_rows(norm, blocks, seed, s, blew_up)]
+                gated = model == "resnet20"
+                rows = [r for s in steps for r in probe_rows(norm, blocks, seed, s, blew_up, gated)]
                 key = f"probe-{label}-{norm}-{seed}"
                 if blew_up is None:
                     write(key, "probes", "probe", norm, "sgd", seed, settings, rows,
@@ -184,7 +189,8 @@ def charts(at: AppTest) -> dict[str, pd.DataFrame]:
         spec = json.loads(chart.proto.spec)
         frames = [pa.ipc.open_stream(d.data.data).read_all().to_pandas()
                   for d in chart.proto.datasets]  # fmt: skip
-        found[spec["title"]] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        title = spec["title"] if isinstance(spec["title"], str) else spec["title"]["text"]
+        found[title] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return found
 
 
@@ -283,6 +289,14 @@ def test_without_batchnorm_each_norm_gets_its_own_numbers(monkeypatch, analysis_
     ]
     assert "the board has 0 depth(s) of resnet20 probed" in "\n".join(c.value for c in at.caption)
     assert len(at.get("vega_lite_chart")) == 4  # no growth vs depth for one model
+    # the gradient into the gated last convolution is 0: not on a log scale, and said so
+    chart = at.get("vega_lite_chart")[-1]
+    title = json.loads(chart.proto.spec)["title"]
+    assert title == {
+        "text": "Gradient norm (dL/d conv output) vs convolution",
+        "subtitle": "1 point at 0 or below left off the log scale",
+    }
+    assert charts(at)[title["text"]].layer.tolist() == [0, 1]
 
 
 def test_landscape_charts_summaries_and_readings(monkeypatch, analysis_db):

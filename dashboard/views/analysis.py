@@ -58,12 +58,27 @@ def landscape(url: str, sel: Selection) -> tuple[pd.DataFrame, pd.DataFrame, pd.
     )
 
 
-def colour(field: str, legend: bool = True) -> alt.Color:
-    # distinct hues: the theme's default shades of two colours make four norms hard to tell apart
-    scale = alt.Scale(scheme="tableau10")
+#: Twenty distinct hues (Tableau 10, then ColorBrewer Dark2 and two more): the theme's default
+#: shades of two colours make four norms hard to tell apart, and the probes suite has fourteen.
+PALETTE = [
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+    "#9c755f", "#bab0ac", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02",
+    "#a6761d", "#666666", "#17becf", "#bcbd22",
+]  # fmt: skip
+
+
+def colour(field: str, domain: list[str], legend: bool = True) -> alt.Color:
+    """Colour by ``field``, each value of ``domain`` (every norm or run of the section) with the
+    same hue on every chart, whichever values a chart has."""
+    scale = alt.Scale(domain=domain, range=[PALETTE[i % len(PALETTE)] for i in range(len(domain))])
     if legend:
         return alt.Color(f"{field}:N", title=field, scale=scale)
     return alt.Color(f"{field}:N", scale=scale, legend=None)  # the lines' legend, not the bands'
+
+
+#: An axis of whole numbers (blocks, layers, steps, depths): integer ticks only.
+INDEX_AXIS = alt.Axis(tickMinStep=1, format="d")
+STEP_AXIS = alt.X("step:Q", title="training step", axis=INDEX_AXIS)
 
 
 def y_scale(log: bool) -> alt.Scale:
@@ -76,28 +91,34 @@ def positive(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 
 def band_chart(
-    df: pd.DataFrame, x: str, x_title: str, y_title: str, title: str, color: str = "norm",
-    log: bool = False,
+    df: pd.DataFrame, x: str, x_title: str, y_title: str, title: str, *, domain: list[str],
+    color: str = "norm", log: bool = False,
 ) -> alt.LayerChart:  # fmt: skip
-    """The mean over seeds as a line with points, the min-max over seeds as a band."""
+    """The mean over seeds as a line with points, the min-max over seeds as a band. On a log
+    scale, values of 0 (a SkipInit gate at zero blocks the gradient into its branch) have no
+    place: the subtitle counts the points left off."""
+    heading = alt.TitleParams(title)
     if log:
-        df = positive(df, ["mean", "min", "max"])
-    base = alt.Chart(df).encode(x=alt.X(f"{x}:Q", title=x_title, axis=alt.Axis(tickMinStep=1)))
+        drawable = positive(df, ["mean", "min", "max"])
+        if left_off := len(df) - len(drawable):
+            points = "point" if left_off == 1 else "points"
+            heading = alt.TitleParams(
+                title, subtitle=f"{left_off} {points} at 0 or below left off the log scale"
+            )
+        df = drawable
+    base = alt.Chart(df).encode(x=alt.X(f"{x}:Q", title=x_title, axis=INDEX_AXIS))
     band = base.mark_area(opacity=0.2).encode(
         y=alt.Y("min:Q", title=y_title, scale=y_scale(log)), y2="max:Q",
-        color=colour(color, legend=False),
+        color=colour(color, domain, legend=False),
     )  # fmt: skip
     line = base.mark_line(point=True).encode(
         y=alt.Y("mean:Q", scale=y_scale(log)),
-        color=colour(color),
+        color=colour(color, domain),
         tooltip=[color, x, alt.Tooltip("mean:Q", format=".4g"), alt.Tooltip("min:Q", format=".4g"),
                  alt.Tooltip("max:Q", format=".4g"), alt.Tooltip("n:Q", title="seeds")],
     )  # fmt: skip
     # the bands' colour legend is off: resolved apart, the lines' own legend stays
-    return (band + line).resolve_legend(color="independent").properties(title=title)
-
-
-STEP_AXIS = alt.X("step:Q", title="training step", axis=alt.Axis(tickMinStep=1))
+    return (band + line).resolve_legend(color="independent").properties(title=heading)
 
 
 def step_label(step: int) -> str:
@@ -122,6 +143,7 @@ def probe_section(url: str, sel: Selection, runs: pd.DataFrame) -> None:
         f"{mine.seed.nunique()} seeds, norms {', '.join(sorted(mine.norm.unique()))}."
     )
     profiles = probe_profiles(url, sel, label, step)
+    norms = sorted(runs.norm.unique())  # one hue per norm of the board, on every chart
 
     def profile(name: str) -> pd.DataFrame:
         return profiles[profiles.name == name]
@@ -134,14 +156,15 @@ def probe_section(url: str, sel: Selection, runs: pd.DataFrame) -> None:
             "block",
             "activation variance",
             f"Activation variance vs block: {label}",
+            domain=norms,
             log=True,
-        ),  # fmt: skip
+        ),
         width="stretch",
     )
     summaries = probe_summaries(url, sel, step).merge(
         runs, left_on="run_id", right_on="id", how="inner"
     )
-    growth_vs_depth(runs, summaries, label)
+    growth_vs_depth(runs, summaries, label, norms)
 
     st.subheader("Sample similarity per block")
     left, right = st.columns(2)
@@ -153,7 +176,8 @@ def probe_section(url: str, sel: Selection, runs: pd.DataFrame) -> None:
                 "block",
                 "average cosine similarity",
                 "Sample cosine similarity vs block",
-            ),  # fmt: skip
+                domain=norms,
+            ),
             width="stretch",
         )
     with right:
@@ -164,7 +188,8 @@ def probe_section(url: str, sel: Selection, runs: pd.DataFrame) -> None:
                 "block",
                 "stable rank",
                 "Stable rank of the samples' Gram matrix vs block",
-            ),  # fmt: skip
+                domain=norms,
+            ),
             width="stretch",
         )
     st.caption(
@@ -180,8 +205,9 @@ def probe_section(url: str, sel: Selection, runs: pd.DataFrame) -> None:
             "convolution",
             "gradient norm",
             "Gradient norm (dL/d conv output) vs convolution",
+            domain=norms,
             log=True,
-        ),  # fmt: skip
+        ),
         width="stretch",
     )
 
@@ -192,7 +218,7 @@ def probe_section(url: str, sel: Selection, runs: pd.DataFrame) -> None:
         st.dataframe(
             diverged.rename(
                 columns={"run_id": "run", "model_label": "model", "block": "non-finite at block"}
-            ),  # fmt: skip
+            ),
             hide_index=True,
         )
 
@@ -207,7 +233,9 @@ def probe_section(url: str, sel: Selection, runs: pd.DataFrame) -> None:
     st.markdown("\n".join(f"- {r}" for r in readings.values()) or "Only BatchNorm was probed.")
 
 
-def growth_vs_depth(runs: pd.DataFrame, summaries: pd.DataFrame, label: str) -> None:
+def growth_vs_depth(
+    runs: pd.DataFrame, summaries: pd.DataFrame, label: str, norms: list[str]
+) -> None:
     """Activation growth against depth across the chosen model's family (the runs whose model
     and arguments other than depth are the chosen model's)."""
     family = runs.loc[runs.model_label == label, "family"].iloc[0]
@@ -237,8 +265,9 @@ def growth_vs_depth(runs: pd.DataFrame, summaries: pd.DataFrame, label: str) -> 
             "depth",
             "activation growth (last block / first)",
             f"Activation growth vs depth: {family}",
+            domain=norms,
             log=True,
-        ),  # fmt: skip
+        ),
         width="stretch",
     )
 
@@ -259,6 +288,9 @@ def probe_table(profiles: pd.DataFrame, summaries: pd.DataFrame) -> pd.DataFrame
 
 def landscape_section(curves: pd.DataFrame, ics: pd.DataFrame, summary: pd.DataFrame) -> None:
     curves = curves.assign(run=common.pair_label(curves))
+    ics = ics.assign(run=common.pair_label(ics))
+    # one hue per run of the board, on every chart
+    run_labels = sorted(set(curves.run) | set(ics.run) | set(common.pair_label(summary)))
     st.caption(
         "Along the gradient g at each probed training step, the points w - eta g over the "
         "budget's grid of step sizes: bands span that grid (mean over seeds)."
@@ -272,14 +304,16 @@ def landscape_section(curves: pd.DataFrame, ics: pd.DataFrame, summary: pd.DataF
         base = alt.Chart(df).encode(x=STEP_AXIS)
         area = base.mark_area(opacity=0.25).encode(
             y=alt.Y("low:Q", title=y_title, scale=alt.Scale(zero=False)), y2="high:Q",
-            color=colour("run", legend=False),
+            color=colour("run", run_labels, legend=False),
         )  # fmt: skip
         top = base.mark_line(strokeWidth=1).encode(
-            y="high:Q", color=colour("run"),
+            y="high:Q", color=colour("run", run_labels),
             tooltip=["run", "step", alt.Tooltip("low:Q", format=".4g"),
                      alt.Tooltip("high:Q", format=".4g")],
         )  # fmt: skip
-        bottom = base.mark_line(strokeWidth=1).encode(y="low:Q", color=colour("run", legend=False))
+        bottom = base.mark_line(strokeWidth=1).encode(
+            y="low:Q", color=colour("run", run_labels, legend=False)
+        )
         layers = area + top + bottom
         return layers.resolve_legend(color="independent").properties(title=title)
 
@@ -293,7 +327,7 @@ def landscape_section(curves: pd.DataFrame, ics: pd.DataFrame, summary: pd.DataF
                     M.LANDSCAPE_LOSS_MAX,
                     "loss",
                     "Loss along the gradient (min to max over step sizes)",
-                ),  # fmt: skip
+                ),
                 width="stretch",
             )
         with right:
@@ -303,7 +337,7 @@ def landscape_section(curves: pd.DataFrame, ics: pd.DataFrame, summary: pd.DataF
                     M.LANDSCAPE_GRAD_CHANGE_MAX,
                     "||grad L(w - eta g) - grad L(w)||",
                     "Gradient change along the gradient (min to max)",
-                ),  # fmt: skip
+                ),
                 width="stretch",
             )
         beta = positive(curves[curves.name == M.LANDSCAPE_BETA], ["mean"])
@@ -313,13 +347,13 @@ def landscape_section(curves: pd.DataFrame, ics: pd.DataFrame, summary: pd.DataF
             .encode(
                 x=STEP_AXIS,
                 y=alt.Y("mean:Q", title="effective beta-smoothness", scale=y_scale(True)),
-                color=colour("run"),
+                color=colour("run", run_labels),
                 tooltip=[
                     "run",
                     "step",
                     alt.Tooltip("mean:Q", format=".4g"),
                     alt.Tooltip("n:Q", title="seeds"),
-                ],  # fmt: skip
+                ],
             )
             .properties(title="Effective beta-smoothness over training"),
             width="stretch",
@@ -327,7 +361,6 @@ def landscape_section(curves: pd.DataFrame, ics: pd.DataFrame, summary: pd.DataF
 
     if not ics.empty:
         st.subheader("Internal covariate shift per layer")
-        ics = ics.assign(run=common.pair_label(ics))
         left, right = st.columns(2)
         for column, name, y_title in (
             (left, M.ICS_L2, "||G - G'|| (l2)"),
@@ -338,9 +371,9 @@ def landscape_section(curves: pd.DataFrame, ics: pd.DataFrame, summary: pd.DataF
                     alt.Chart(ics[ics.name == name])
                     .mark_line(point=True)
                     .encode(
-                        x=alt.X("layer:Q", title="weight layer", axis=alt.Axis(tickMinStep=1)),
+                        x=alt.X("layer:Q", title="weight layer", axis=INDEX_AXIS),
                         y=alt.Y("mean:Q", title=y_title, scale=alt.Scale(zero=False)),
-                        color=colour("run"),
+                        color=colour("run", run_labels),
                         tooltip=["run", "layer", alt.Tooltip("mean:Q", format=".4g")],
                     )
                     .properties(title=f"ICS {y_title} per layer, mean over probe steps"),
@@ -378,7 +411,8 @@ def landscape_section(curves: pd.DataFrame, ics: pd.DataFrame, summary: pd.DataF
         else:
             readings = D.landscape_readings(summary)
             st.markdown(
-                "\n".join(f"- {r}" for r in readings.values()) or "Only BatchNorm was probed."
+                "\n".join(f"- {r}" for r in readings.values())
+                or "Only BatchNorm has landscape runs."
             )
 
 
