@@ -238,9 +238,9 @@ class Worker:
                     return {"event": "protocol_error", "detail": detail}
             if self._fd is None:
                 raise EOFError("the worker's event channel is closed")
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return None
+            # A timeout of 0 (or one that ran out) still looks once, without waiting: a caller
+            # that polls several workers in turn must see what each has sent.
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             if not _readable(self._fd, remaining):
                 return None
             chunk = os.read(self._fd, 2**20)

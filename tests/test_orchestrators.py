@@ -70,3 +70,17 @@ def test_a_killed_orchestrators_run_is_taken_over_and_resumed(cifar_dir, tmp_pat
     assert "take over" in out and "resume" in out, out
     [(_, status, epochs)] = _rows(db)
     assert (status, epochs) == ("finished", 3)
+
+
+def test_one_orchestrator_with_two_workers_collects_both_results(cifar_dir, tmp_path):
+    """``--workers 2``: the executor polls each worker in turn without waiting, and still reads
+    every event and result each has sent."""
+    from helpers import invoke
+
+    suite = tiny_suite(tmp_path)
+    db = tmp_path / "two-workers.db"
+    result = invoke("run", f"--suite={suite}", "--budget=smoke", "--seeds=0,1", "--workers=2",
+                    f"--db={db}")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Summary: 2 finished" in result.output
+    assert sorted(status for _, status, _ in _rows(db)) == ["finished", "finished"]
