@@ -30,12 +30,21 @@ from normbench.metrics import MetricRow
 
 
 def activation_variance(x: Tensor) -> Tensor:
-    """Per-channel variance (biased: over the N*H*W values) averaged over channels, in float64;
-    for a 2-D (N, C) input the variance is over N."""
+    """Per-channel variance (biased: over the N*H*W values) averaged over channels, as a float64
+    scalar; for a 2-D (N, C) input the variance is over N."""
     if x.dim() < 2:
         raise ValueError(f"activation_variance needs an (N, C, ...) tensor; got shape {x.shape}")
     dims = [0, *range(2, x.dim())]  # every dimension but the channels
-    return torch.var(x.detach().double(), dim=dims, correction=0).mean()
+    x = x.detach()
+    # In the activations' own precision (a float64 copy of every activation is most of a probe's
+    # cost), shifted by one value of each channel first, so that a large common offset loses no
+    # precision (the variance is shift-invariant); again in float64 only where that overflows, so
+    # only inf/NaN activations read as such.
+    shift = x[(0, slice(None), *([0] * (x.dim() - 2)))].reshape(1, -1, *([1] * (x.dim() - 2)))
+    var = torch.var(x - shift, dim=dims, correction=0).double().mean()
+    if not torch.isfinite(var) and x.dtype != torch.float64:
+        var = torch.var(x.double(), dim=dims, correction=0).mean()
+    return var
 
 
 def gram_statistics(x: Tensor) -> tuple[float, float]:
@@ -43,13 +52,17 @@ def gram_statistics(x: Tensor) -> tuple[float, float]:
     batch (B, ...), each sample flattened; B >= 2."""
     if x.dim() < 1 or x.shape[0] < 2:
         raise ValueError(f"gram_statistics needs a batch of at least 2 samples; got {x.shape}")
-    y = x.detach().reshape(x.shape[0], -1).double()
+    y = x.detach().reshape(x.shape[0], -1).float()
     b = y.shape[0]
+    # Rows scaled by their largest magnitude first, so that the norms of huge activations do not
+    # overflow in float32 (directions are all the statistics depend on).
+    peak = y.abs().amax(dim=1, keepdim=True)
+    y = torch.where(peak > 0, y / peak.clamp_min(torch.finfo(y.dtype).tiny), 0.0)
     norms = torch.linalg.vector_norm(y, dim=1, keepdim=True)
     # An all-zero sample (every unit dead after a ReLU) has no direction: its row stays zero, so
     # its similarity with every sample counts as 0 and it adds nothing to the trace.
     y = torch.where(norms > 0, y / norms.clamp_min(torch.finfo(y.dtype).tiny), 0.0)
-    m = y @ y.T
+    m = (y @ y.T).double()  # the B x B Gram matrix; its statistics in float64
     # sum_j M_ij - M_ii is sum_j M_ij - 1 for a unit row, and 0 for a zero row.
     cosine = ((m.sum(dim=1) - m.diagonal()) / (b - 1)).mean().item()
     top = torch.linalg.eigvalsh(m)[-1].item()  # ascending: the largest last
