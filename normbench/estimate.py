@@ -157,7 +157,10 @@ def landscape_passes(spec: RunSpec, steps: int) -> int:
         return 0
     per_probe = 1 + len(options["step_sizes"])
     if options["ics"]:
-        per_probe += _weight_layers(spec.settings["model"], json.dumps(spec.settings["model_args"]))
+        # one pass per weight layer, and its own pass for the gradients before the update
+        per_probe += 1 + _weight_layers(
+            spec.settings["model"], json.dumps(spec.settings["model_args"])
+        )
     return math.ceil(steps / options["every"]) * per_probe
 
 
