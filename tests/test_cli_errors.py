@@ -35,7 +35,8 @@ def write_suite(tmp_path, text):
         (["--suite", "cifar11"], "Unknown suite 'cifar11'. Did you mean 'cifar10'"),
         (
             ["--suite", "cifar10", "--norms", "batchnrom"],
-            "Invalid value for '--norms': Unknown norm 'batchnrom'. Did you mean 'batchnorm'?",
+            "Invalid value for '--norms': Unknown norm 'batchnrom'. Did you mean 'batchnorm' or "
+            "'noisy_batchnorm'?",
         ),
         (
             ["--suite", "cifar10", "--optimizers", "adamv"],
@@ -110,7 +111,7 @@ def test_bad_run_arguments(args, expected):
         (["bench", "norms", "--batch-size=10000000"], "--batch-size", "less than or equal"),
         (["bench", "norms", "--pairs=1"], "--pairs", "greater than or equal to 2"),
         (["bench", "norms", "--pairs=100000"], "--pairs", "less than or equal to 100"),
-        (["bench", "norms", "--norms=batchnrom"], "--norms", "Did you mean 'batchnorm'?"),
+        (["bench", "norms", "--norms=batchnrom"], "--norms", "Did you mean 'batchnorm' or"),
         (["dashboard", "--port=0"], "--port", "greater than or equal to 1"),
         (["dashboard", "--port=99999999999999999999"], "--port", "less than or equal to 65535"),
         (["data", "prepare", "cifar10-c", "--seed=-1"], "--seed", "greater than or equal to 0"),
