@@ -1,6 +1,12 @@
-"""Weight reparametrisations: Weight Normalization, Scaled Weight Standardization, and Scaled WS
-followed by GroupNorm (capability ``WEIGHT``). They transform a convolution's weight, so they own
-it (``OWNS_CONV``): each is the whole conv-norm block, built for any shape by ``block()``."""
+"""Weight reparametrisations: Weight Normalization, Scaled Weight Standardization, Scaled WS
+followed by GroupNorm, and spectral normalization (capability ``WEIGHT``). They transform a
+convolution's weight, so they own it (``OWNS_CONV``): each is the whole conv-norm block, built for
+any shape by ``block()``.
+
+Spectral normalization keeps an estimate of the weight's top singular vectors (buffers ``_u`` and
+``_v`` of ``torch.nn.utils.parametrizations.spectral_norm``) that one power iteration refines at
+every training-mode forward pass; :func:`restart_power_iteration` re-estimates them after a model
+re-initialises the weights, so the first step divides by the right sigma."""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
 
 from normbench.norms.classic import GroupNorm
 from normbench.norms.registry import AFFINE, OWNS_CONV, WEIGHT, OwnsConvMixin, register_norm
@@ -115,3 +123,56 @@ class ScaledStdConvGroupNorm(OwnsConvMixin, nn.Sequential):
 
     def affine_parameters(self) -> list[nn.Parameter]:
         return [*self.conv.affine_parameters(), *self.norm.affine_parameters()]
+
+
+@register_norm(
+    "spectral_norm",
+    description="Spectral normalization (Miyato et al. 2018) of the convolution: W / sigma(W), "
+    "sigma the largest singular value of W reshaped to (out, in k k), estimated by one power "
+    "iteration per training-mode forward pass (u and v kept as buffers, frozen in eval mode); "
+    "with bias, no gain, no activation normalization.",
+    family="weight",
+    capabilities={WEIGHT, OWNS_CONV},
+)
+class SpectralNormConv(OwnsConvMixin, nn.Conv2d):
+    """A same-padded convolution reparametrised by ``torch.nn.utils.parametrizations.
+    spectral_norm`` (one power iteration per training forward, as in Miyato et al. 2018 and
+    StudioGAN). The trainable kernel is ``parametrizations.weight.original``; ``weight`` is the
+    normalized one. The parametrization makes the instance's class a subclass of this one made by
+    torch (``isinstance`` holds), and the module is saved through its ``state_dict`` (torch
+    refuses to pickle parametrized modules)."""
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        in_channels: int | None = None,
+        kernel_size: int = 3,
+        stride: int = 1,
+        eps: float = 1e-12,
+    ) -> None:
+        in_channels = num_channels if in_channels is None else in_channels
+        super().__init__(
+            in_channels, num_channels, kernel_size, stride, padding=kernel_size // 2, bias=True
+        )
+        spectral_norm(self, n_power_iterations=1, eps=eps)
+
+    def affine_parameters(self) -> list[nn.Parameter]:
+        # No gain: the normalized kernel's scale is fixed at sigma = 1; the bias is the shift.
+        return [self.bias]
+
+
+def restart_power_iteration(module: nn.Module, iterations: int = 15) -> None:
+    """Re-estimate u and v of every spectrally normalized weight inside ``module`` from the current
+    weights with ``iterations`` power iterations (15, as torch does when it registers the
+    parametrization). Call it after re-initialising such weights: u and v were estimated for the
+    old ones."""
+    for m in module.modules():
+        if not parametrize.is_parametrized(m, "weight"):
+            continue
+        original = m.parametrizations.weight.original
+        for p in m.parametrizations.weight:
+            # torch's own power method on its own reshaping of the weight (private names of the
+            # spectral_norm parametrization, which offers no public way to do this)
+            if hasattr(p, "_power_method") and hasattr(p, "_u"):
+                p._power_method(p._reshape_weight_to_matrix(original.detach()), iterations)
