@@ -158,6 +158,15 @@ Norms = Annotated[
         parser=_names, metavar="NAMES", help="Comma-separated norms (default: the suite's)."
     ),
 ]
+DNorms = Annotated[
+    NameList | None,
+    typer.Option(
+        parser=_names,
+        metavar="NAMES",
+        help="Comma-separated discriminator norms of a GAN suite (default: the suite's; "
+        "--norms are the generator's).",
+    ),
+]
 Optimizers = Annotated[
     NameList | None,
     typer.Option(
@@ -254,6 +263,7 @@ def run(
     ray_address: RayAddress = None,
     workers: Workers = 1,
     checkpoint_dir: CheckpointDir = None,
+    d_norms: DNorms = None,
 ) -> None:
     """Train and evaluate every norm x optimizer x seed of a suite and store the results.
 
@@ -263,7 +273,8 @@ def run(
     Exit status 1 when a run failed (its error is stored), 2 for bad input, 130 if interrupted.
     """
     where = Where(executor, ray_address, workers, checkpoint_dir)
-    _run_suite(suite, budget, norms, optimizers, seeds, device, data_dir, db, force, where)
+    _run_suite(suite, budget, norms, optimizers, seeds, device, data_dir, db, force, where,
+               d_norms)  # fmt: skip
 
 
 class Where(NamedTuple):
@@ -286,6 +297,7 @@ def _run_suite(
     db: str | None,
     force: bool,
     where: Where,
+    d_norm_list: list[str] | None = None,
 ) -> None:
     import os
 
@@ -304,6 +316,12 @@ def _run_suite(
     s.budget(budget_name)
     _lookup("--optimizers", OPTIMIZERS, opt_list or [])
     _lookup("--norms", NORMS, [n for n in norm_list or [] if not n.startswith(NAMESPACE)])
+    _lookup("--d-norms", NORMS, [n for n in d_norm_list or [] if not n.startswith(NAMESPACE)])
+    if d_norm_list and s.spec.task != "gan":
+        raise NormbenchError(
+            f"--d-norms chooses a GAN's discriminator norms; suite {s.name!r} is a "
+            f"{s.spec.task} suite."
+        )
     if where.checkpoint_dir:
         os.environ["NORMBENCH_CHECKPOINT_DIR"] = where.checkpoint_dir
     # The executor first: an unreachable Ray cluster is reported before the database is touched.
@@ -312,13 +330,13 @@ def _run_suite(
     )
     try:
         _run_with(runner, s, budget_name, why, dev, norm_list, opt_list, seed_list, data_dir, db,
-                  force)  # fmt: skip
+                  force, d_norm_list)  # fmt: skip
     finally:
         runner.close()
 
 
 def _run_with(runner, s, budget_name, why, dev, norm_list, opt_list, seed_list, data_dir, db,
-              force) -> None:  # fmt: skip
+              force, d_norm_list=None) -> None:  # fmt: skip
     from normbench.norms import NORMS
     from normbench.store import open_store
     from normbench.submissions import register_recorded
@@ -327,10 +345,12 @@ def _run_with(runner, s, budget_name, why, dev, norm_list, opt_list, seed_list, 
 
     store = open_store(config.db_url(db))
     # Submitted norms are named like any other; their code runs only in the workers.
-    submissions = register_recorded(store, norm_list)
+    submissions = register_recorded(store, [*(norm_list or []), *(d_norm_list or [])])
     _lookup("--norms", NORMS, norm_list or [])
+    _lookup("--d-norms", NORMS, d_norm_list or [])
     ratios = {r["name"]: r["time_ratio"] for r in _contract_ratios(store, submissions)}
-    specs = plan(s, budget_name, norms=norm_list, optimizers=opt_list, seeds=seed_list)
+    specs = plan(s, budget_name, norms=norm_list, optimizers=opt_list, seeds=seed_list,
+                 d_norms=d_norm_list)  # fmt: skip
     err.print(
         f"Suite [bold]{s.name}[/bold], budget [bold]{budget_name}"
         f"[/bold]{f' ({why})' if why else ''}, on {dev}, executor {runner.name}; results in "
@@ -553,7 +573,7 @@ def leaderboard(
     Only the suite's current protocol version; runs of other versions are counted, never mixed.
     """
     from normbench import metrics as M
-    from normbench.leaderboard import kept_apart_note, probe_board, protocol_versions
+    from normbench.leaderboard import gan_board, kept_apart_note, probe_board, protocol_versions
     from normbench.leaderboard import leaderboard as query
     from normbench.store import open_store
     from normbench.suites import default_budget, load_suite
@@ -568,6 +588,8 @@ def leaderboard(
     version = s.spec.protocol_version
     if s.spec.task == "probe":
         table = probe_board(store.engine, s.name, budget_name, protocol_version=version, step=step)
+    elif s.spec.task == "gan":
+        table = gan_board(store.engine, s.name, budget_name, protocol_version=version)
     else:
         table = query(store.engine, s.name, budget_name, rank_by=rank_by, protocol_version=version)
     note = kept_apart_note(protocol_versions(store.engine, s.name, budget_name), version)
@@ -592,7 +614,53 @@ def leaderboard(
     if s.spec.task == "probe":
         out.print(_probe_table(table, f"{title}, probes at step {step}"))
         return
+    if s.spec.task == "gan":
+        for group, rows in table.groupby(table.get("score_group", "").fillna(""), sort=False):
+            out.print(_gan_table(rows, f"{title}{_score_group_title(group)}"))
+        return
     out.print(_leaderboard_table(table, title, robustness))
+
+
+def _score_group_title(group: str) -> str:
+    """A GAN board's score protocol as its table's title says it."""
+    if not group:
+        return ", no scores yet"
+    network, generated, real = group.split(" / ")
+    return (
+        f", FID/KID in {network} features of {float(generated):.0f} generated vs "
+        f"{float(real):.0f} real images"
+    )
+
+
+def _gan_table(table, title: str) -> Table:
+    """The GAN board: generator x discriminator norm pairs ranked by FID (lower is better)."""
+    from normbench import metrics as M
+
+    def value(metric: str, fmt: str):
+        def cell(r) -> str:
+            mean, std = r.get(f"{metric}_mean"), r.get(f"{metric}_std")
+            return _num(mean, fmt) + ("" if _missing(std) else f" ± {fmt.format(std)}")
+
+        return cell
+
+    columns = [
+        ("#", lambda r: _num(r.get("rank"), "{:.0f}")),
+        ("G norm", lambda r: r["g_norm"]),
+        ("D norm", lambda r: r["d_norm"]),
+        ("optimizer", lambda r: r["optimizer"]),
+        ("FID", value(M.GAN_FID, "{:.1f}")),
+        ("KID", value(M.GAN_KID, "{:.4f}")),
+        ("sample diversity", value(M.GAN_DIVERSITY, "{:.3f}")),
+        ("collapsed", lambda r: str(r.get("collapsed", 0))),
+        ("n", lambda r: str(r.get("n", 0))),
+        ("runs", lambda r: r["status"]),
+    ]
+    t = Table(title=title)
+    for name, _ in columns:
+        t.add_column(name, overflow="fold")
+    for r in table.to_dict("records"):
+        t.add_row(*(fn(r) for _, fn in columns))
+    return t
 
 
 def _probe_table(table, title: str) -> Table:

@@ -124,6 +124,15 @@ def probe_units(spec: RunSpec) -> int:
     return len(s["probe_steps"]) * s["batches"] + max(s["probe_steps"])
 
 
+def gan_units(spec: RunSpec) -> tuple[int, int]:
+    """A GAN run's work: generated images of its training steps (each step's ``batch_size``,
+    with its discriminator steps), and images the feature network scores (the final score's and
+    those of the FID checks during training)."""
+    s = spec.settings
+    checks = (s["steps"] - 1) // s["fid_every"] if s["fid_every"] else 0
+    return s["steps"] * s["batch_size"], s["fid_samples"] + checks * s["fid_every_samples"]
+
+
 def run_breakdown(
     spec: RunSpec, rates: Rates, train_size: int, test_size: int, epochs_done: int = 0
 ) -> Breakdown:
@@ -131,6 +140,12 @@ def run_breakdown(
     training and ``test_size`` test images, at ``rates``. A probe run's "epochs" are its probe
     steps, and its rate is per batch of its units (``probe_units``)."""
     s = spec.settings
+    if spec.task == "gan":
+        trained, scored = gan_units(spec)
+        left = 1.0 - min(epochs_done, 1)
+        return Breakdown(train=left * trained / rates.train,
+                         evaluation=left * scored / rates.evaluation, corruptions=0.0,
+                         speed_check=0.0, other=rates.other)  # fmt: skip
     if spec.task == "probe":
         left = 1.0 - epochs_done / len(s["probe_steps"])
         work = left * probe_units(spec) * s["batch_size"] / rates.train
@@ -237,7 +252,8 @@ def from_history(
             return Rates(train=images / max(statistics.median(walls), 1e-3), evaluation=1.0), len(
                 runs
             )
-        names = (M.WALL_TIME, M.TRAIN_THROUGHPUT, M.EVAL_THROUGHPUT)
+        scored = M.GAN_FEATURE_THROUGHPUT if spec.task == "gan" else M.EVAL_THROUGHPUT
+        names = (M.WALL_TIME, M.TRAIN_THROUGHPUT, scored)
         rows = s.execute(
             select(Metric.run_id, Metric.name, Metric.value).where(
                 Metric.run_id.in_([r.id for r in runs]),
@@ -253,7 +269,7 @@ def from_history(
     # Medians: one run that also decoded the data or generated a corruption set does not count.
     rates = Rates(
         train=statistics.median(values[M.TRAIN_THROUGHPUT]),
-        evaluation=statistics.median(values[M.EVAL_THROUGHPUT]),
+        evaluation=statistics.median(values[scored]),
     )
     measured = run_breakdown(spec, rates, train_size, test_size).total
     other = max(statistics.median(values[M.WALL_TIME]) - measured, 0.0)

@@ -285,3 +285,84 @@ def _model_then_name(column: pd.Series) -> pd.Series:
     import re
 
     return column.map(lambda v: re.sub(r"\d+", lambda m: m.group().zfill(9), v))
+
+
+#: The GAN board's values: the scores, the collapse indicator and the run's cost.
+GAN_SUMMARIES = (
+    M.GAN_FID, M.GAN_KID, M.GAN_KID_STD, M.GAN_DIVERSITY, M.GAN_COLLAPSED, M.GAN_D_LOSS,
+    M.GAN_G_LOSS, M.TRAIN_THROUGHPUT, M.WALL_TIME,
+)  # fmt: skip
+#: What makes two GAN scores comparable: the feature network and both sample counts. Rows that
+#: differ in any of them are ranked apart (``score_group``), never against each other.
+GAN_SCORE_KEYS = ("feature_network", M.GAN_GEN_SAMPLES, M.GAN_REAL_SAMPLES)
+
+
+def gan_board(engine: Engine, suite: str, budget: str, *, protocol_version: int) -> pd.DataFrame:
+    """A GAN suite's pairs: one row per generator norm (``g_norm``), discriminator norm
+    (``d_norm``), optimizer and score protocol (feature network and sample counts), with
+    ``<metric>_mean``/``_std`` over finished seeds, ``n``, ``runs``, ``status``, ``collapsed``
+    (seeds whose samples collapsed) and ``rank`` by FID (lower is better) within its
+    ``score_group``. Runs without scores (failed, diverged) count in ``status`` only."""
+    sel = Selection(suite, budget, protocol_version=protocol_version)
+    with engine.connect() as conn:
+        query = select(Run.id, Run.norm, Run.optimizer, Run.status, Run.config, Run.provenance)
+        runs = pd.DataFrame(
+            conn.execute(query.where(*sel.runs())).all(),
+            columns=["run_id", "g_norm", "optimizer", "status", "config", "provenance"],
+        )
+        if runs.empty:
+            return pd.DataFrame()
+        values = conn.execute(
+            select(Metric.run_id, Metric.name, Metric.value)
+            .join(Run, Run.id == Metric.run_id)
+            .where(
+                *sel.finished_runs(),
+                Metric.name.in_((*GAN_SUMMARIES, M.GAN_GEN_SAMPLES, M.GAN_REAL_SAMPLES)),
+                Metric.layer == -1,
+                Metric.step == -1,
+            )
+        )
+        values = pd.DataFrame(values.all(), columns=["run_id", "metric", "value"])
+    runs["d_norm"] = [(c or {}).get("settings", {}).get("d_norm", "?") for c in runs.config]
+    runs["feature_network"] = [(p or {}).get("feature_network", "") for p in runs.provenance]
+    counts = values[values.metric.isin((M.GAN_GEN_SAMPLES, M.GAN_REAL_SAMPLES))]
+    counts = counts.pivot_table(index="run_id", columns="metric", values="value")
+    runs = runs.merge(counts.reset_index(), on="run_id", how="left")
+    for column in (M.GAN_GEN_SAMPLES, M.GAN_REAL_SAMPLES):
+        runs[column] = runs.get(column, pd.Series(math.nan, index=runs.index)).fillna(-1)
+    pair = ["g_norm", "d_norm", "optimizer"]
+    keys = [*pair, *GAN_SCORE_KEYS]
+    scored = runs[runs[M.GAN_GEN_SAMPLES] >= 0]
+    order = list(RunStatus)
+    table = (
+        runs.groupby(pair)
+        .status.agg(
+            runs="size",
+            status=lambda st: ", ".join(
+                f"{(st == s).sum()} {s.value}" for s in order if (st == s).any()
+            ),
+        )
+        .reset_index()
+    )
+    if scored.empty:
+        return table
+    values = values[values.metric.isin(GAN_SUMMARIES)].merge(scored[["run_id", *keys]])
+    stats = values.groupby([*keys, "metric"]).value.agg(["mean", "std", "count"]).reset_index()
+    wide = stats.pivot_table(index=keys, columns="metric", values=["mean", "std"], dropna=False)
+    wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
+    wide = wide.reset_index()
+    n = stats[stats.metric == M.GAN_FID][[*keys, "count"]].rename(columns={"count": "n"})
+    wide = wide.merge(n, on=keys, how="left")
+    table = table.merge(wide, on=pair, how="left")
+    table["n"] = table["n"].fillna(0).astype(int)
+    collapsed = f"{M.GAN_COLLAPSED}_mean"
+    table["collapsed"] = (table.get(collapsed, 0) * table["n"]).round().fillna(0).astype(int)
+    groups = table[list(GAN_SCORE_KEYS)].astype(str).agg(" / ".join, axis=1)
+    table["score_group"] = groups
+    fid = f"{M.GAN_FID}_mean"
+    if fid not in table:
+        table[fid] = math.nan
+    table = table.sort_values(["score_group", fid], na_position="last").reset_index(drop=True)
+    table.insert(0, "rank", table.groupby("score_group")[fid].rank(method="first"))
+    table.loc[table[fid].isna(), "rank"] = pd.NA
+    return table

@@ -83,6 +83,26 @@ ICS_L2_MEAN = "ics_l2_mean"
 ICS_COSINE_MEAN = "ics_cosine_mean"
 
 
+# GAN runs (task "gan"), split: the real images' split. The scores are in the space of the
+# InceptionV3 FID feature network (normbench.gan_metrics.FEATURE_NETWORK); another network's
+# scores would take other names, so they never share a column.
+GAN_FID = "fid"  # Frechet distance, fid_gen_samples generated vs fid_real_samples real images
+GAN_KID = "kid"  # kernel inception distance (unbiased MMD^2, cubic kernel), mean over subsets
+GAN_KID_STD = "kid_std"  # its standard deviation over the subsets
+GAN_GEN_SAMPLES = "fid_gen_samples"  # generated images the scores used
+GAN_REAL_SAMPLES = "fid_real_samples"  # real images the scores used
+# FID during training (step: the generator step), with the budget's fid_every_samples images:
+# another sample count than the final score, hence its own name.
+GAN_FID_PROGRESS = "fid_progress"
+GAN_DIVERSITY = "sample_diversity"  # mean pairwise distance of generated images (collapse: ~0)
+GAN_COLLAPSED = "mode_collapsed"  # 1 when sample_diversity is under the collapse threshold
+GAN_D_LOSS = "d_loss"  # mean over the last 100 generator steps
+GAN_G_LOSS = "g_loss"
+GAN_G_PARAMS = "generator_params"
+GAN_D_PARAMS = "discriminator_params"
+GAN_FEATURE_THROUGHPUT = "feature_images_per_s"  # images/s of the feature network
+
+
 @dataclass(frozen=True)
 class MetricRow:
     name: str

@@ -137,6 +137,23 @@ def adamw(
     )
 
 
+@register_optimizer(
+    "adam",
+    description="Adam (Kingma & Ba 2015) without weight decay, as GAN training uses it (Radford et "
+    "al. 2016; Miyato et al. 2018: lr 2e-4, betas (0.5, 0.999) for both networks).",
+    family="adam",
+)
+def adam(
+    model: nn.Module,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps)
+
+
 # --- sharpness-aware minimization ---------------------------------------------------------------
 
 #: ``rho`` of every sharpness-aware optimizer: the radius of the ascent, strictly positive.

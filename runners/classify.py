@@ -61,6 +61,7 @@ class RunResult:
     diverged_step: int | None = None
     reason: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # provenance added by the runner
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # named files (a sample grid)
 
 
 @dataclass

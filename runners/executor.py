@@ -36,7 +36,7 @@ class Job:
     """One run for a worker: everything it needs and nothing more (never the database URL)."""
 
     id: str  # the run key
-    kind: str  # "classify", "probe" or "normspeed"
+    kind: str  # "classify", "probe", "gan" or "normspeed"
     spec: dict[str, Any]
     data_dir: str | None
     checkpoint_dir: str  # this run's own checkpoint folder (the worker may write only here)

@@ -100,7 +100,7 @@ def prepare_data(job: dict[str, Any]) -> None:
     cache, unless they are there already: the check the orchestrator makes before its first run
     (:func:`runners.suite.check_data`), made on the node, since the confined worker may only read
     the cache. A missing or damaged data file raises its NormbenchError."""
-    if job["kind"] not in ("classify", "probe"):
+    if job["kind"] not in ("classify", "probe", "gan"):
         return  # a speed measurement needs no data
     from normbench.suites import RunSpec
     from runners.suite import check_data

@@ -23,11 +23,14 @@ are shielded from Ctrl-C so an interrupt never lands mid-transaction.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import dataclasses
 import functools
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -55,7 +58,7 @@ from normbench.metrics import MetricRow
 from normbench.norms import NORMS, norm_class, parse_norm_name
 from normbench.optim import OPTIMIZERS, TWO_PASS
 from normbench.progress import format_duration
-from normbench.runtime import provenance
+from normbench.runtime import provenance, resolve_device
 from normbench.store import ClaimLost, RunStatus, Skip, Store
 from normbench.submissions import NAMESPACE, SubmittedNorm
 from normbench.suites import RunSpec
@@ -127,6 +130,8 @@ def lease_seconds() -> float:
 
 
 def label(spec: RunSpec) -> str:
+    if spec.task == "gan":  # a GAN suite's axes are the generator's and discriminator's norms
+        return f"G {spec.norm} / D {spec.settings['d_norm']} + {spec.optimizer} (seed {spec.seed})"
     if spec.task == "probe":  # a probe suite's axes are norms and models
         return f"{spec.norm} in {spec.settings['model_label']} (seed {spec.seed})"
     return f"{spec.norm} + {spec.optimizer} (seed {spec.seed})"
@@ -158,11 +163,39 @@ def check_data(specs: list[RunSpec], data_dir: str | Path | None) -> dict[str, D
             )
             del train  # a large array; the runs load their own from the cache
         test = tests[spec.dataset]
+        if spec.task == "gan":
+            _prepare_real_features(spec, data_dir, info[spec.dataset], len(test))
         corruptions = spec.settings.get("corruption_set")
         if corruptions and (corruptions, spec.settings["corruption_subset"]) not in prepared:
             classify.corruption_source(spec, test, data_dir)  # generated here, on first use
             prepared.add((corruptions, spec.settings["corruption_subset"]))
     return info
+
+
+def _prepare_real_features(
+    spec: RunSpec, data_dir: str | Path | None, data: DataInfo, test_size: int
+) -> None:
+    """Compute and cache the real images' features a GAN run scores against (once per dataset,
+    split, count and feature network; a confined worker may only read the cache)."""
+    from normbench import gan_metrics
+    from runners.gan import real_count
+
+    split = spec.settings["fid_real_split"]
+    count = real_count(spec, data.train_size if split == "train" else test_size)
+    gan_metrics.feature_network_path()  # a missing or altered network stops here, before training
+    if gan_metrics.cached_real_features(spec.dataset, split, count) is not None:
+        return
+    what = f"features of {count:,} real {spec.dataset} {split} images (cached for later runs)"
+    with progress.task(what, total=count) as advance:
+        shown = [0]
+
+        def step(done: int, total: int) -> None:
+            advance(done - shown[0])
+            shown[0] = done
+
+        gan_metrics.real_features(
+            spec.dataset, split, count, data_dir, device=resolve_device(None), progress=step
+        )
 
 
 @dataclass
@@ -231,7 +264,10 @@ def estimate_runs(
             basis = f"from {n} earlier run{'s' if n > 1 else ''}"
         else:
             s = spec.settings
-            if spec.task == "probe":
+            if spec.task == "gan":
+                key = (spec.dataset, spec.norm, s["d_norm"], s["model"], s["batch_size"],
+                       s["n_dis"], "gan")  # fmt: skip
+            elif spec.task == "probe":
                 key = (spec.dataset, spec.norm, s["model"], repr(s["model_args"]),
                        s["batch_size"], "probe")  # fmt: skip
             else:
@@ -281,6 +317,14 @@ def _worker_start_seconds(dataset: str, data_dir: str | Path | None) -> float:
 def _calibrate(spec: RunSpec, device: torch.device, d: DataInfo) -> tuple[Rates | None, str]:
     with progress.task(f"timing {spec.norm} for the estimate", total=None):
         try:
+            if spec.task == "gan":
+                from runners.gan import calibrate
+
+                rates = calibrate(spec, device)
+                return rates, (
+                    f"calibrated: {rates.train:,.0f} generated images/s training, "
+                    f"{rates.evaluation:,.0f} scored images/s"
+                )
             if spec.task == "probe":
                 rates = estimate.calibrate_probe(
                     spec, device, d.image_shape, d.num_classes, seconds=PROBE_CALIBRATION_SECONDS
@@ -322,7 +366,9 @@ def print_plan(planned: list[Planned], device: torch.device, console: Console) -
     for p in todo:
         resumes = ""
         if p.resume_epoch is not None:
-            if p.spec.task == "probe":
+            if p.spec.task == "gan":
+                resumes = "resumes from its last checkpoint; "
+            elif p.spec.task == "probe":
                 steps = len(p.spec.settings["probe_steps"])
                 resumes = f"resumes after probe step {p.resume_epoch}/{steps}; "
             else:
@@ -528,12 +574,18 @@ class Orchestrator:
 
     def _job(self, p: Planned) -> Job:
         spec = p.spec
-        base = parse_norm_name(spec.norm)[0]
+        names = [spec.norm] + ([spec.settings["d_norm"]] if spec.task == "gan" else [])
+        bases = {parse_norm_name(name)[0] for name in names}
         needed = [
             {k: s[k] for k in ("name", "class_name", "source", "source_sha256")}
             for s in self.submissions
-            if s["name"] == base
+            if s["name"] in bases
         ]
+        reads = []
+        if spec.task == "gan":  # the feature network ships inside an installed package
+            from normbench import gan_metrics
+
+            reads.append(str(gan_metrics.feature_network_path().parent))
         seconds = p.estimate.seconds if p.estimate is not None else None
         return Job(
             id=spec.key,
@@ -548,7 +600,8 @@ class Orchestrator:
                 "cpu_seconds": cpu_limit(seconds) if needed else env_cpu_limit(),
             },
             resources=resources(self.device),
-            norm_modules=norm_modules(spec.norm),
+            read_paths=reads,
+            norm_modules=[m for name in dict.fromkeys(names) for m in norm_modules(name)],
         )
 
     # --- following and recording --------------------------------------------------------------
@@ -587,6 +640,7 @@ class Orchestrator:
         try:
             metrics = [_metric_row(row) for row in result["metrics"]]
             curves = [(int(e), str(n), float(v)) for e, n, v in result["curves"]]
+            artifacts = _artifacts(result.get("artifacts") or {})
             status = RunStatus(result["status"])
             if status not in (RunStatus.finished, RunStatus.diverged):
                 raise ValueError(f"status {result['status']!r}")
@@ -598,7 +652,7 @@ class Orchestrator:
             self.outcomes[p.index] = Outcome(spec, "failed", "malformed result")
             return
         with deferred_interrupt():
-            stored = self._finish(key, status, metrics, curves, result)
+            stored = self._finish(key, status, metrics, curves, result, artifacts)
         if not stored:
             return
         shutil.rmtree(checkpoint_folder(key), ignore_errors=True)
@@ -614,7 +668,14 @@ class Orchestrator:
             if est is not None and est.seconds is not None:
                 estimated = f" (estimated {format_duration(est.seconds)})"
             nan = float("nan")
-            if spec.task == "probe":
+            if spec.task == "gan":
+                measured = (
+                    f"FID {values.get(M.GAN_FID, nan):.1f}, KID {values.get(M.GAN_KID, nan):.4f} "
+                    f"({values.get(M.GAN_GEN_SAMPLES, 0):.0f} generated vs "
+                    f"{values.get(M.GAN_REAL_SAMPLES, 0):.0f} real images)"
+                    + (", mode collapse" if values.get(M.GAN_COLLAPSED) else "")
+                )
+            elif spec.task == "probe":
                 measured = (
                     f"activation growth {values.get(M.PROBE_ACT_GROWTH, nan):.3g}x, last-block "
                     f"sample similarity {values.get(M.PROBE_LAST_COSINE, nan):.3f}"
@@ -632,7 +693,7 @@ class Orchestrator:
             self.console.print(f"[yellow]{status.value}[/yellow] {label(spec)}: {detail}")
         self.outcomes[p.index] = Outcome(spec, status.value, detail)
 
-    def _finish(self, key, status, metrics, curves, result) -> bool:
+    def _finish(self, key, status, metrics, curves, result, artifacts=None) -> bool:
         """Store a run's results in one transaction; if that fails, record the failure instead
         of leaving it running. A claim lost meanwhile (this process was taken for dead) keeps
         the other process's run and discards these results."""
@@ -642,7 +703,7 @@ class Orchestrator:
                 key, owner=self.owner, status=status, metrics=metrics, curves=curves,
                 epochs_done=int(result.get("epochs_done", 0)),
                 diverged_step=result.get("diverged_step"), error=result.get("reason"),
-                provenance_update=result.get("info") or {},
+                provenance_update=result.get("info") or {}, artifacts=artifacts,
             )  # fmt: skip
         except ClaimLost:
             self.console.print(f"[yellow]discarded[/yellow] {label(p.spec)}: another process "
@@ -714,6 +775,30 @@ def norm_modules(name: str) -> list[dict]:
     return [{"module": module.__name__, "file": file, "norms": [parse_norm_name(name)[0]]}]
 
 
+#: What a run may store as artifacts: names (a letter or digit, then letters, digits, ".", "_"
+#: or "-"), how many, and how large in all. A worker's result is untrusted input.
+ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_ARTIFACTS, MAX_ARTIFACT_BYTES = 8, 16 * 2**20
+
+
+def _artifacts(sent: dict) -> dict[str, bytes]:
+    """A worker's artifacts (name -> base64 text) decoded; ValueError for anything else."""
+    if not isinstance(sent, dict) or len(sent) > MAX_ARTIFACTS:
+        raise ValueError(f"artifacts must be a mapping of at most {MAX_ARTIFACTS} files")
+    out, total = {}, 0
+    for name, text in sent.items():
+        if not isinstance(name, str) or not ARTIFACT_NAME.match(name) or not isinstance(text, str):
+            raise ValueError(f"bad artifact {str(name)[:80]!r}")
+        try:
+            out[name] = base64.b64decode(text.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise ValueError(f"artifact {name!r} is not base64") from None
+        total += len(out[name])
+        if total > MAX_ARTIFACT_BYTES:
+            raise ValueError(f"artifacts larger than {MAX_ARTIFACT_BYTES // 2**20} MiB")
+    return out
+
+
 def _metric_row(row: list) -> MetricRow:
     """A metric row as a worker sends it: name, value, split, corruption, severity, and for the
     probes' rows layer and step."""
@@ -774,12 +859,14 @@ class RunDisplay:
         self.console = console
         self.name = f"run {index}/{count} {escape(label(spec))}"
         # A probe run reports its probe batches and training steps as the steps of one "epoch".
-        self.epochs = 1 if spec.task == "probe" else spec.settings["epochs"]
+        self.epochs = 1 if spec.task in ("probe", "gan") else spec.settings["epochs"]
         self.steps_per_epoch = 1
         self.first_step = 0  # steps done before this session (a resumed run)
         self.last_step = 0  # the last step reported
         self.phase = "loading data"
-        self.rate_unit = "probed images/s" if spec.task == "probe" else "training images/s"
+        self.rate_unit = {"probe": "probed images/s", "gan": "generated images/s"}.get(
+            spec.task, "training images/s"
+        )
         self.last_render = 0.0
         self.task = live.add_task(self.name, total=None, rate="", left=self._left())
 
@@ -804,7 +891,8 @@ class RunDisplay:
                 self.live.update(self.task, **fields)
             return
         self.last_render = now
-        rate = self.clock.measured_rate if self.phase.startswith(("epoch", "probing")) else None
+        busy = self.phase.startswith(("epoch", "probing", "training"))
+        rate = self.clock.measured_rate if busy else None
         self.live.update(
             self.task,
             description=f"{self.name}: {self.phase}",
@@ -823,21 +911,19 @@ class RunDisplay:
             self.steps_per_epoch = steps_per_epoch
             self.first_step = self.last_step = (self.epochs - epochs) * steps_per_epoch
             self.clock.start(epochs, steps_per_epoch)
-            self.phase = (
-                "probing"
-                if self.spec.task == "probe"
-                else f"epoch {self.epochs - epochs + 1}/{self.epochs}"
+            self.phase = {"probe": "probing", "gan": "training"}.get(
+                self.spec.task, f"epoch {self.epochs - epochs + 1}/{self.epochs}"
             )
             self.render(force=True, total=epochs * steps_per_epoch, completed=0)
         elif kind == "step":
             step = int(event["step"])
             self.clock.step(max(step - self.last_step, 1))
             self.last_step = step
-            if self.spec.task != "probe":
+            if self.spec.task not in ("probe", "gan"):
                 self.phase = f"epoch {(step - 1) // self.steps_per_epoch + 1}/{self.epochs}"
             self.render(completed=step - self.first_step)
-        elif kind == "epoch" and self.spec.task == "probe":
-            pass  # a probe step was checkpointed: nothing to report
+        elif kind == "epoch" and self.spec.task in ("probe", "gan"):
+            pass  # a probe step was checkpointed, a GAN trained: nothing to report
         elif kind == "epoch":
             values = event.get("values") or {}
             self.console.print(
@@ -848,7 +934,8 @@ class RunDisplay:
         elif kind == "eval":
             done, total = int(event["done"]), int(event["total"])
             self.clock.evaluating(done, total)
-            self.phase = self.phase.split(",")[0] + f", evaluating {done}/{total} batches"
+            what = "scoring" if self.spec.task == "gan" else "evaluating"
+            self.phase = self.phase.split(",")[0] + f", {what} {done}/{total} batches"
             self.render(force=done == total)
         elif kind == "corruption":
             done, total = int(event["done"]), int(event["total"])

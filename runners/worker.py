@@ -47,7 +47,7 @@ def run_job(job: dict[str, Any], emit) -> dict[str, Any]:
     _import_norm_modules(job.get("norm_modules", []))
     for submission in job.get("submissions", []):
         register_source(**submission, folder=Path.cwd())
-    if job["kind"] in ("classify", "probe"):
+    if job["kind"] in ("classify", "probe", "gan"):
         return _run(job, emit)
     if job["kind"] == "normspeed":
         return _normspeed(job)
@@ -76,8 +76,9 @@ def _import_norm_modules(modules: list[dict[str, Any]]) -> None:
 
 
 def _run(job: dict[str, Any], emit) -> dict[str, Any]:
-    """A classify or probe run: both runners take the same arguments and return the same
-    result."""
+    """A classify, probe or GAN run: the runners take the same arguments and return the same
+    result (artifacts as base64 text, the channel carrying JSON)."""
+    import base64
     import importlib
 
     import torch
@@ -109,6 +110,9 @@ def _run(job: dict[str, Any], emit) -> dict[str, Any]:
         "diverged_step": result.diverged_step,
         "reason": result.reason,
         "info": result.info,
+        "artifacts": {
+            name: base64.b64encode(data).decode("ascii") for name, data in result.artifacts.items()
+        },
     }
 
 

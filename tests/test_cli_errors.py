@@ -40,7 +40,8 @@ def write_suite(tmp_path, text):
         ),
         (
             ["--suite", "cifar10", "--optimizers", "adamv"],
-            "Invalid value for '--optimizers': Unknown optimizer 'adamv'. Did you mean 'adamw'",
+            "Invalid value for '--optimizers': Unknown optimizer 'adamv'. Did you mean 'adam' or "
+            "'adamw'",
         ),
         (
             ["--suite", "cifar10", "--seeds", "0,x"],
@@ -101,7 +102,7 @@ def test_bad_run_arguments(args, expected):
         (
             ["submit", "x.py:Norm", "--optimizers=sgd,adamv"],
             "--optimizers",
-            "Unknown optimizer 'adamv'. Did you mean 'adamw'",
+            "Unknown optimizer 'adamv'. Did you mean 'adam' or 'adamw'",
         ),
         (["submit", "x.py:Norm", "--seeds=-1"], "--seeds", "0 to 2147483647"),
         (["submit", "x.py:Norm", "--timeout=nan"], "--timeout", "less than or equal to 86400"),

@@ -34,7 +34,11 @@ def schema_differences(engine: Engine) -> list[str]:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         found = [repr(d) for d in compare_metadata(context, Base.metadata)]
     reflect = inspect(engine)
+    tables = set(reflect.get_table_names())
     for table in Base.metadata.sorted_tables:
+        if table.name not in tables:
+            found.append(f"{table.name}: no such table")
+            continue
         columns = {c["name"]: c for c in reflect.get_columns(table.name)}
         if set(columns) != set(table.c.keys()):
             found.append(f"{table.name}: columns {sorted(columns)} != {sorted(table.c.keys())}")

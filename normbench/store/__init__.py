@@ -79,6 +79,7 @@ from normbench.store.checks import (
     sqlite_path,
 )
 from normbench.store.models import (
+    Artifact,
     Base,
     CurvePoint,
     Metric,
@@ -90,8 +91,9 @@ from normbench.store.models import (
 )
 
 __all__ = [
-    "Base", "Claim", "ClaimLost", "CurvePoint", "LOCAL_OWNER", "Metric", "NormSpeed", "Run",
-    "RunStatus", "Skip", "Store", "StoreError", "Submission", "open_store", "readonly_engine",
+    "Artifact", "Base", "Claim", "ClaimLost", "CurvePoint", "LOCAL_OWNER", "Metric", "NormSpeed",
+    "Run", "RunStatus", "Skip", "Store", "StoreError", "Submission", "media_type", "open_store",
+    "readonly_engine", "run_artifact",
 ]  # fmt: skip
 
 BUSY_TIMEOUT_MS = 30_000
@@ -638,10 +640,12 @@ class Store:
         diverged_step: int | None = None,
         error: str | None = None,
         provenance_update: dict[str, Any] | None = None,
+        artifacts: dict[str, bytes] | None = None,
     ) -> None:
         """Write a run's results and final status in one transaction, if ``owner`` still holds
         the run; else raise ``ClaimLost`` and write nothing. Values that are not numbers are
-        left out, not stored."""
+        left out, not stored. ``artifacts``: named files (their media type from the name's
+        suffix) that replace the run's earlier ones."""
         metric_rows = [
             {"name": m.name, "split": m.split, "corruption": m.corruption,
              "severity": m.severity, "layer": m.layer, "step": m.step, "value": float(m.value)}
@@ -671,6 +675,16 @@ class Store:
                 conn.execute(insert(Metric), [{"run_id": run.id, **m} for m in metric_rows])
             if curve_rows:
                 conn.execute(insert(CurvePoint), [{"run_id": run.id, **c} for c in curve_rows])
+            conn.execute(delete(Artifact).where(Artifact.run_id == run.id))
+            if artifacts:
+                conn.execute(
+                    insert(Artifact),
+                    [
+                        {"run_id": run.id, "name": name, "media_type": media_type(name),
+                         "data": data}
+                        for name, data in artifacts.items()
+                    ],
+                )  # fmt: skip
             provenance = {**run.provenance, **(provenance_update or {})}
             conn.execute(
                 update(Run)
@@ -844,6 +858,25 @@ def _skip(key: str, row: Row) -> Skip:
         return Skip(key, "finished", f"finished{at}")
     age = "" if row.heartbeat is None else f" (heartbeat {row.now - row.heartbeat:.0f} s ago)"
     return Skip(key, "claimed", f"claimed by {row.owner or 'another process'}{age}")
+
+
+#: Media types of the artifact names runs write, by suffix.
+MEDIA_TYPES = {".png": "image/png", ".json": "application/json", ".csv": "text/csv"}
+
+
+def media_type(name: str) -> str:
+    return MEDIA_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+
+
+def run_artifact(engine: Engine, key: str, name: str) -> bytes | None:
+    """The artifact ``name`` of the run ``key``, or None."""
+    query = (
+        select(Artifact.data)
+        .join(Run, Run.id == Artifact.run_id)
+        .where(Run.run_key == key, Artifact.name == name)
+    )
+    with engine.connect() as conn:
+        return conn.execute(query).scalar_one_or_none()
 
 
 def open_store(url: str, *, readonly: bool = False, migrate: bool = True) -> Store:

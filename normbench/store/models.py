@@ -22,7 +22,17 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Enum, Float, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -78,6 +88,9 @@ class Run(Base):
     curve_points: Mapped[list[CurvePoint]] = relationship(
         cascade="all, delete-orphan", passive_deletes=True
     )
+    artifacts: Mapped[list[Artifact]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True
+    )
 
     __table_args__ = (Index("ix_runs_suite_budget_status", "suite", "budget", "status"),)
 
@@ -117,6 +130,21 @@ class CurvePoint(Base):
     value: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (UniqueConstraint("run_id", "epoch", "name", name="uq_curve_point"),)
+
+
+class Artifact(Base):
+    """A named binary output of a run that is looked at rather than ranked (a GAN run's sample
+    grid, ``samples.png``)."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    media_type: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (UniqueConstraint("run_id", "name", name="uq_artifact"),)
 
 
 class Submission(Base):

@@ -134,6 +134,39 @@ class ProbeBudget(_Strict):
     optimizers: dict[str, dict[str, Any]]  # hyper-parameters per optimizer name
 
 
+class GanBudget(_Strict):
+    """A budget of a GAN suite (``task = "gan"``): a generator and a discriminator of ``arch``
+    trained for ``steps`` generator steps, ``n_dis`` discriminator steps before each, both with
+    the budget's optimizer; then FID and KID of ``fid_samples`` generated images against
+    ``fid_real_samples`` images of the real ``fid_real_split`` in the feature network's space."""
+
+    arch: str  # a registered GAN architecture (normbench.gan_models)
+    model_args: dict[str, Any] = {}  # the architecture's options (its widths)
+    dataset: Literal[DATASET_NAMES] | None = None  # type: ignore[valid-type]  # overrides the suite's
+    z_dim: Annotated[int, Field(ge=1)] = 128
+    batch_size: Annotated[int, Field(ge=2)]
+    steps: Annotated[int, Field(ge=1)]  # generator steps
+    n_dis: Annotated[int, Field(ge=1)] = 1  # discriminator steps per generator step
+    loss: Literal["hinge", "nonsaturating"] = "hinge"
+    ema: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # generator EMA decay; None: off
+    ema_start: Annotated[int, Field(ge=0)] = 0  # generator step at which the average starts
+    train_subset: Annotated[int, Field(ge=0)] = 0  # 0 = the whole training set
+    precision: Literal["fp32"] = "fp32"
+    # the scores: generated images, and real images of which split (0 = the whole split)
+    fid_samples: Annotated[int, Field(ge=2)]
+    fid_real_split: Literal["train", "test"] = "train"
+    fid_real_samples: Annotated[int, Field(ge=0)] = 0
+    kid_subset_size: Annotated[int, Field(ge=2)] = 1000
+    kid_subsets: Annotated[int, Field(ge=1)] = 100
+    # FID over training: every ``fid_every`` generator steps (0: only at the end), with
+    # ``fid_every_samples`` generated images (its own metric name: another sample count)
+    fid_every: Annotated[int, Field(ge=0)] = 0
+    fid_every_samples: Annotated[int, Field(ge=0)] = 0
+    checkpoint_every: Annotated[int, Field(ge=1)] = 1000  # generator steps between checkpoints
+    grid: Annotated[int, Field(ge=1, le=256)] = 64  # generated images in the saved sample grid
+    optimizers: dict[str, dict[str, Any]]  # hyper-parameters per optimizer name (both networks)
+
+
 class Reference(_Strict):
     norm: str
     optimizer: str
@@ -162,18 +195,28 @@ class ProbeSuiteFile(SuiteFile):
     budgets: dict[Literal[BUDGETS], ProbeBudget]  # type: ignore[valid-type]
 
 
+class GanSuiteFile(SuiteFile):
+    """A suite of ``task = "gan"``: generator norms (``norms``) x discriminator norms
+    (``d_norms``) x optimizers x seeds."""
+
+    task: Literal["gan"]
+    d_norms: Annotated[list[str], Field(min_length=1)]
+    corruption_set: None = None
+    budgets: dict[Literal[BUDGETS], GanBudget]  # type: ignore[valid-type]
+
+
 @dataclass(frozen=True)
 class Suite:
     """A validated suite and where it came from."""
 
-    spec: SuiteFile | ProbeSuiteFile
+    spec: SuiteFile | ProbeSuiteFile | GanSuiteFile
     path: Path
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def budget(self, name: str) -> Budget | ProbeBudget:
+    def budget(self, name: str) -> Budget | ProbeBudget | GanBudget:
         if name not in self.spec.budgets:
             raise NormbenchError(
                 f"Suite {self.name!r} has no budget {name!r}; it defines "
@@ -294,6 +337,23 @@ def _check_probe_budget(path: Path, bname: str, budget: ProbeBudget) -> None:
         )
 
 
+def _check_gan_budget(path: Path, bname: str, budget: GanBudget) -> None:
+    """A GAN budget's architecture exists and its counts fit together."""
+    from normbench.gan_models import GAN_MODELS
+
+    _check_name(GAN_MODELS, budget.arch, path, f"budgets.{bname}.arch")
+    if budget.fid_every and budget.fid_every_samples < 2:
+        raise SuiteError(
+            f"{path}: budgets.{bname}.fid_every_samples: FID over training (fid_every = "
+            f"{budget.fid_every}) needs at least 2 generated images per check."
+        )
+    if budget.ema_start >= budget.steps and budget.ema is not None:
+        raise SuiteError(
+            f"{path}: budgets.{bname}.ema_start: the average starts at step {budget.ema_start}, "
+            f"after the last of {budget.steps} steps."
+        )
+
+
 def load_suite_file(path: Path) -> Suite:
     """Read and validate a suite file; every problem is a ``SuiteError`` naming file and key."""
     try:
@@ -303,8 +363,9 @@ def load_suite_file(path: Path) -> Suite:
     except tomllib.TOMLDecodeError as err:
         raise SuiteError(f"{path}: not valid TOML: {err}.") from None
     try:
-        probe = isinstance(raw, dict) and raw.get("task") == "probe"
-        spec = (ProbeSuiteFile if probe else SuiteFile).model_validate(raw)
+        task = raw.get("task") if isinstance(raw, dict) else None
+        schema = {"probe": ProbeSuiteFile, "gan": GanSuiteFile}.get(task, SuiteFile)
+        spec = schema.model_validate(raw)
     except ValidationError as err:
         problems = []
         for e in err.errors():
@@ -319,18 +380,22 @@ def load_suite_file(path: Path) -> Suite:
         _check_name(NORMS, norm, path, f"norms[{i}]")
     for i, opt in enumerate(spec.optimizers):
         _check_name(OPTIMIZERS, opt, path, f"optimizers[{i}]")
+    for i, norm in enumerate(getattr(spec, "d_norms", ())):
+        _check_name(NORMS, norm, path, f"d_norms[{i}]")
     _check_name(NORMS, spec.reference.norm, path, "reference.norm")
     _check_name(OPTIMIZERS, spec.reference.optimizer, path, "reference.optimizer")
     for bname, budget in spec.budgets.items():
         if isinstance(budget, ProbeBudget):
             _check_probe_budget(path, bname, budget)
+        elif isinstance(budget, GanBudget):
+            _check_gan_budget(path, bname, budget)
         else:
             _check_name(MODELS, budget.model, path, f"budgets.{bname}.model")
             _check_model_args(path, f"budgets.{bname}.model_args", budget.model, budget.model_args)
         for opt, hparams in budget.optimizers.items():
             _check_name(OPTIMIZERS, opt, path, f"budgets.{bname}.optimizers.{opt}")
             _check_hparams(path, f"budgets.{bname}.optimizers.{opt}", opt, hparams)
-        if isinstance(budget, ProbeBudget):
+        if isinstance(budget, ProbeBudget | GanBudget):
             continue
         if budget.speed_pairs == 1:
             raise SuiteError(
@@ -397,7 +462,7 @@ def default_budget(suite: Suite, device: torch.device | None = None) -> str:
 @functools.cache
 def _budget_defaults(task: str = "classify") -> dict[str, Any]:
     defaults = {}
-    schema = ProbeBudget if task == "probe" else Budget
+    schema = {"probe": ProbeBudget, "gan": GanBudget}.get(task, Budget)
     for name, field_info in schema.model_fields.items():
         if not field_info.is_required():
             value = field_info.get_default(call_default_factory=True)
@@ -443,6 +508,22 @@ class RunSpec:
     @property
     def protocol(self) -> dict[str, Any]:
         """What a reader needs to know to reproduce the run, beyond the spec itself."""
+        if self.task == "gan":
+            s = self.settings
+            return {
+                "training": (
+                    f"{s['n_dis']} discriminator step(s) per generator step, {s['loss']} loss, "
+                    f"both networks with {self.optimizer}; real images scaled to [-1, 1], no "
+                    "augmentation"
+                ),
+                "scores": (
+                    f"FID and KID of {s['fid_samples']} generated images against "
+                    f"{s['fid_real_samples'] or 'all'} {s['fid_real_split']} images in the "
+                    "InceptionV3 FID feature space (2048-d pool features)"
+                ),
+                "generator_ema": s["ema"],
+                "label": f"G {self.norm} / D {s['d_norm']}",
+            }
         if self.task == "probe":
             return {
                 "probes": (
@@ -502,13 +583,17 @@ def plan(
     norms: list[str] | None = None,
     optimizers: list[str] | None = None,
     seeds: list[int] | None = None,
+    d_norms: list[str] | None = None,
 ) -> list[RunSpec]:
-    """Expand a suite at one budget into run specs (norm-major order, then optimizer, then seed)."""
+    """Expand a suite at one budget into run specs (norm-major order, then optimizer, then seed;
+    for a GAN suite, generator norm, then discriminator norm: ``d_norms``)."""
     b = suite.budget(budget)
     # Canonical names: "groupnorm(groups=8)" however spelled, so one configuration is one row.
     norms = [NORMS.info(norm).name for norm in norms or suite.spec.norms]
     optimizers = optimizers or list(suite.spec.optimizers)
     seeds = list(suite.spec.seeds) if seeds is None else seeds
+    if isinstance(b, GanBudget):
+        return _plan_gan(suite, budget, b, norms, optimizers, seeds, d_norms)
     models = b.models if isinstance(b, ProbeBudget) else [ProbeModel(model=b.model)]
     for norm in norms:
         # Refused up front, so a suite never stops halfway on a combination that cannot run.
@@ -556,6 +641,51 @@ def plan(
         )
         for norm in norms
         for settings in variants
+        for opt in optimizers
+        for seed in seeds
+    ]
+
+
+def _plan_gan(
+    suite: Suite,
+    budget: str,
+    b: GanBudget,
+    g_norms: list[str],
+    optimizers: list[str],
+    seeds: list[int],
+    d_norms: list[str] | None = None,
+) -> list[RunSpec]:
+    """A GAN suite's runs: generator norm x discriminator norm x optimizer x seed. A run's
+    ``norm`` is its generator's norm; ``settings["d_norm"]`` its discriminator's."""
+    from normbench.gan_models import check_gan_supports
+
+    d_norms = [NORMS.info(norm).name for norm in d_norms or suite.spec.d_norms]
+    for g_norm in g_norms:
+        for d_norm in d_norms:
+            check_gan_supports(b.arch, g_norm, d_norm)
+    for opt in optimizers:
+        if opt not in b.optimizers:
+            raise NormbenchError(
+                f"Suite {suite.name!r} gives no hyper-parameters for optimizer {opt!r} at budget "
+                f"{budget!r} (it has: {', '.join(b.optimizers)}). Add a "
+                f"[budgets.{budget}.optimizers.{opt}] table to {suite.path}."
+            )
+    common = b.model_dump(exclude={"optimizers", "arch"})
+    return [
+        RunSpec(
+            suite=suite.name,
+            budget=budget,
+            protocol_version=suite.spec.protocol_version,
+            task="gan",
+            dataset=b.dataset or suite.spec.dataset,
+            norm=g_norm,
+            optimizer=opt,
+            seed=seed,
+            settings={**common, "model": b.arch, "d_norm": d_norm},
+            hparams=dict(b.optimizers[opt]),
+        )
+        for g_norm in g_norms
+        for d_norm in d_norms
         for opt in optimizers
         for seed in seeds
     ]
