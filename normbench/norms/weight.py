@@ -138,9 +138,11 @@ class SpectralNormConv(OwnsConvMixin, nn.Conv2d):
     """A same-padded convolution reparametrised by ``torch.nn.utils.parametrizations.
     spectral_norm`` (one power iteration per training forward, as in Miyato et al. 2018 and
     StudioGAN). The trainable kernel is ``parametrizations.weight.original``; ``weight`` is the
-    normalized one. The parametrization makes the instance's class a subclass of this one made by
-    torch (``isinstance`` holds), and the module is saved through its ``state_dict`` (torch
-    refuses to pickle parametrized modules)."""
+    normalized one, computed at each access: a model that initialises ``weight`` in place
+    initialises a temporary (harmless here, since the kernel's scale divides out; initialise
+    ``original`` to choose its direction). The parametrization makes the instance's class a
+    subclass of this one made by torch (``isinstance`` holds), and the module is saved through its
+    ``state_dict`` (torch refuses to pickle parametrized modules)."""
 
     def __init__(
         self,
@@ -149,13 +151,15 @@ class SpectralNormConv(OwnsConvMixin, nn.Conv2d):
         in_channels: int | None = None,
         kernel_size: int = 3,
         stride: int = 1,
-        eps: float = 1e-12,
     ) -> None:
         in_channels = num_channels if in_channels is None else in_channels
         super().__init__(
             in_channels, num_channels, kernel_size, stride, padding=kernel_size // 2, bias=True
         )
-        spectral_norm(self, n_power_iterations=1, eps=eps)
+        # torch's default eps (1e-12, as in Miyato et al.'s code) guards the normalization of u
+        # and v; no option, so that a model's spectrally normalized linear layers match its
+        # convolutions.
+        spectral_norm(self, n_power_iterations=1)
 
     def affine_parameters(self) -> list[nn.Parameter]:
         # No gain: the normalized kernel's scale is fixed at sigma = 1; the bias is the shift.
