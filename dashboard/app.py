@@ -48,6 +48,7 @@ pages = [
     st.Page(VIEWS / "robustness.py", title="Robustness", icon=":material/foggy:"),
     st.Page(VIEWS / "tradeoffs.py", title="Trade-offs", icon=":material/balance:"),
     st.Page(VIEWS / "analysis.py", title="Analysis", icon=":material/insights:"),
+    st.Page(VIEWS / "gan.py", title="GAN", icon=":material/palette:"),
     st.Page(VIEWS / "norm.py", title="Norm", icon=":material/science:"),
     st.Page(VIEWS / "run.py", title="Run", icon=":material/show_chart:"),
 ]

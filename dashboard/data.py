@@ -27,10 +27,18 @@ from normbench import metrics as M
 from normbench import store
 from normbench.corruptions import BENCHMARK, EXTRA, FAMILIES
 from normbench.errors import NormbenchError
-from normbench.leaderboard import REFERENCE_NORM, Selection, leaderboard
+from normbench.leaderboard import REFERENCE_NORM, Selection, gan_board, leaderboard
 from normbench.robustness import CORRUPTION_ACCURACY, MCE, RELATIVE_MCE
 from normbench.store import schema_revisions
-from normbench.store.models import CurvePoint, Metric, NormSpeed, Run, RunStatus, Submission
+from normbench.store.models import (
+    Artifact,
+    CurvePoint,
+    Metric,
+    NormSpeed,
+    Run,
+    RunStatus,
+    Submission,
+)
 
 #: The prefix of norms that came in through ``normbench submit``.
 SUBMISSION_PREFIX = "submission/"
@@ -837,3 +845,200 @@ def landscape_readings(table: pd.DataFrame, reference: str = REFERENCE_NORM) -> 
                              f"({_ratio_word(ratio, higher, lower)})")  # fmt: skip
         readings[label] = f"{label}: " + ("; ".join(parts) or "no summary to compare")
     return readings
+
+
+# --- GAN suites: the board by FID, sample grids, FID over training ------------------------------
+
+#: The task of GAN runs (a generator with norm ``runs.norm``, a discriminator with the run's
+#: ``settings.d_norm``).
+GAN_TASK = "gan"
+#: The artifact a finished GAN run stores its sample grid in.
+SAMPLES_ARTIFACT = "samples.png"
+#: Per-run values the GAN page quotes beside a sample grid (step -1, layer -1).
+GAN_RUN_VALUES = (M.GAN_FID, M.GAN_KID, M.GAN_DIVERSITY, M.GAN_COLLAPSED, M.GAN_GEN_SAMPLES,
+                  M.GAN_REAL_SAMPLES)  # fmt: skip
+
+
+def _d_norm():
+    """A GAN run's discriminator norm (``settings.d_norm``)."""
+    return Run.config[("settings", "d_norm")].as_string()
+
+
+def _whole_board(sel: Selection) -> tuple:
+    """The runs of the board of ``sel`` (suite, budget, protocol version), whatever the filters."""
+    return Selection(sel.suite, sel.budget, protocol_version=sel.protocol_version).runs()
+
+
+def gan_suites(engine: Engine) -> list[str]:
+    """The suites with GAN runs, by name."""
+    query = select(Run.suite).where(Run.task == GAN_TASK).distinct().order_by(Run.suite)
+    with engine.connect() as conn:
+        return list(conn.scalars(query))
+
+
+def is_gan_board(engine: Engine, sel: Selection) -> bool:
+    """Whether the board of ``sel`` (its suite, budget and protocol version) holds GAN runs."""
+    query = select(Run.id).where(*_whole_board(sel), Run.task == GAN_TASK).limit(1)
+    with engine.connect() as conn:
+        return conn.execute(query).first() is not None
+
+
+def gan_board_view(engine: Engine, sel: Selection) -> pd.DataFrame:
+    """The GAN board of ``sel`` (:func:`normbench.leaderboard.gan_board`) narrowed to the chosen
+    optimizers (a GAN budget trains one model on one dataset: the other filters keep it whole),
+    with every column the page reads (NaN where nothing was scored) and ``score_group`` "" for
+    pairs without scores. Empty when no run matches."""
+    table = gan_board(engine, sel.suite, sel.budget, protocol_version=sel.protocol_version)
+    if table.empty:
+        return table
+    if sel.optimizers:
+        table = table[table.optimizer.isin(sel.optimizers)].copy()
+    # a board whose runs have no scores yet has only the pairs and their status
+    for column in ("collapsed", "n"):
+        if column not in table:
+            table[column] = 0
+    for column in ("rank", *(f"{m}_{s}" for m in _GAN_BOARD_VALUES for s in ("mean", "std"))):
+        if column not in table:
+            table[column] = float("nan")
+    table["score_group"] = table.get("score_group", pd.Series("", index=table.index)).fillna("")
+    # A score group holds the pairs with scored seeds in it; a pair without any scored seed is
+    # listed once, under "" (the board may carry it in every group, with no seeds).
+    pair = ["g_norm", "d_norm", "optimizer"]
+    scored = table[table.n > 0]
+    rest = table[table.n == 0].drop_duplicates(pair)
+    rest = rest[~rest.set_index(pair).index.isin(scored.set_index(pair).index)]
+    rest = rest.assign(score_group="", rank=float("nan"))
+    return pd.concat([scored, rest]).reset_index(drop=True)
+
+
+#: The board's values the Leaderboard page shows, as ``<name>_mean`` and ``<name>_std``.
+_GAN_BOARD_VALUES = (M.GAN_FID, M.GAN_KID, M.GAN_DIVERSITY)
+
+
+def score_groups(table: pd.DataFrame) -> list[str]:
+    """The score groups of a :func:`gan_board_view` table, the one with most scored seeds first
+    (then by name); "" (pairs without scores) last."""
+    scored = table[table.score_group != ""]
+    seeds = scored.groupby("score_group").n.sum()
+    ordered = sorted(seeds.index, key=lambda g: (-seeds[g], g))
+    return ordered + ([""] if (table.score_group == "").any() else [])
+
+
+def score_group_parts(group: str) -> tuple[str, int, int]:
+    """A score group's feature network, generated and real image counts."""
+    network, generated, real = group.rsplit(" / ", 2)
+    return network, round(float(generated)), round(float(real))
+
+
+def score_group_title(group: str) -> str:
+    """A heading for a score group's table: its sample counts."""
+    if not group:
+        return "No scores yet"
+    _, generated, real = score_group_parts(group)
+    return f"FID of {generated:,} generated vs {real:,} real images"
+
+
+def score_group_caption(group: str) -> str:
+    """What a score group's numbers are, for the caption of its table."""
+    if not group:
+        return "These pairs have no finished run with FID and KID (diverged or failed runs)."
+    network, generated, real = score_group_parts(group)
+    return (
+        f"FID/KID in {network} features of {generated:,} generated vs {real:,} real images; "
+        "lower is better."
+    )
+
+
+def gan_runs(engine: Engine, sel: Selection) -> pd.DataFrame:
+    """Every GAN run of ``sel``, by pair and seed. Columns: id, run_key, g_norm, d_norm,
+    optimizer, seed, status, error, diverged_step (NA), the final values of
+    :data:`GAN_RUN_VALUES` (NaN where not stored), progress_samples (the generated images behind
+    each FID over training, NA where not recorded) and has_samples (a sample grid is stored)."""
+    samples = select(Artifact.run_id).where(Artifact.name == SAMPLES_ARTIFACT).distinct().subquery()
+    query = (
+        select(
+            Run.id,
+            Run.run_key,
+            Run.norm,
+            _d_norm(),
+            Run.optimizer,
+            Run.seed,
+            Run.status,
+            Run.error,
+            Run.diverged_step,
+            Run.config[("settings", "fid_every_samples")].as_integer(),
+            samples.c.run_id.is_not(None),
+        )  # fmt: skip
+        .outerjoin(samples, samples.c.run_id == Run.id)
+        .where(*sel.runs(), Run.task == GAN_TASK)
+        .order_by(Run.norm, _d_norm(), Run.optimizer, Run.seed)
+    )
+    values = (
+        select(Metric.run_id, Metric.name, Metric.value)
+        .join(Run, Metric.run_id == Run.id)
+        .where(
+            *sel.runs(),
+            Run.task == GAN_TASK,
+            Metric.name.in_(GAN_RUN_VALUES),
+            Metric.step == -1,
+            Metric.layer == -1,
+        )  # fmt: skip
+    )
+    columns = ["id", "run_key", "g_norm", "d_norm", "optimizer", "seed", "status", "error",
+               "diverged_step", "progress_samples", "has_samples"]  # fmt: skip
+    with engine.connect() as conn:
+        df = pd.DataFrame(conn.execute(query).all(), columns=columns)
+        value_rows = conn.execute(values).all()
+    df["status"] = df.status.map(lambda s: getattr(s, "value", s))
+    df["error"] = df.error.fillna("")
+    df["d_norm"] = df.d_norm.fillna("?")
+    df["has_samples"] = df.has_samples.astype(bool)
+    for column in ("diverged_step", "progress_samples"):
+        df[column] = df[column].astype("Int64")
+    wide = pd.DataFrame(value_rows, columns=["id", "name", "value"]).pivot_table(
+        index="id", columns="name", values="value"
+    )
+    df = df.merge(wide, left_on="id", right_index=True, how="left")
+    return df.reindex(columns=[*columns[:-1], *GAN_RUN_VALUES, "has_samples"])
+
+
+def gan_sample_grid(engine: Engine, run_key: str) -> bytes | None:
+    """The sample grid a GAN run stored (PNG bytes), or None."""
+    return store.run_artifact(engine, run_key, SAMPLES_ARTIFACT)
+
+
+def fid_progress(engine: Engine, sel: Selection) -> pd.DataFrame:
+    """FID during training per pair and generator step over seeds (finished and diverged runs:
+    a diverged run's points before it blew up count). Columns: g_norm, d_norm, optimizer, step,
+    mean, min, max, n (seeds)."""
+    d_norm = _d_norm()
+    query = (
+        select(
+            Run.norm,
+            d_norm,
+            Run.optimizer,
+            Metric.step,
+            func.avg(Metric.value),
+            func.min(Metric.value),
+            func.max(Metric.value),
+            func.count(Metric.value),
+        )  # fmt: skip
+        .join(Metric, Metric.run_id == Run.id)
+        .where(
+            *sel.runs(),
+            Run.task == GAN_TASK,
+            Run.status.in_(ANALYSED_STATUSES),
+            Metric.name == M.GAN_FID_PROGRESS,
+            Metric.step >= 0,
+        )  # fmt: skip
+        .group_by(Run.norm, d_norm, Run.optimizer, Metric.step)
+        .order_by(Run.norm, d_norm, Run.optimizer, Metric.step)
+    )
+    columns = ["g_norm", "d_norm", "optimizer", "step", "mean", "min", "max", "n"]
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(query).all(), columns=columns)
+
+
+def gan_pair_label(df: pd.DataFrame) -> pd.Series:
+    """How the GAN pages name a pair: G batchnorm / D spectral_norm + adam."""
+    return "G " + df.g_norm + " / D " + df.d_norm + " + " + df.optimizer

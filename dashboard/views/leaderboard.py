@@ -1,4 +1,6 @@
-"""Leaderboard: norm x optimizer pairs ranked by a chosen metric, mean ± std over seeds."""
+"""Leaderboard: norm x optimizer pairs ranked by a chosen metric, mean ± std over seeds. A GAN
+suite's board instead ranks generator x discriminator norm pairs by FID, one table per score
+protocol (feature network and sample counts): FIDs of other counts are never ranked together."""
 
 from __future__ import annotations
 
@@ -6,8 +8,10 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import common
+from dashboard import data as D
 from dashboard.data import RANKINGS
 from normbench import metrics as M
+from normbench.leaderboard import Selection
 
 MEDALS = {1: "🥇", 2: "🥈", 3: "🥉"}
 
@@ -17,6 +21,95 @@ st.caption(
     f"Suite **{sel.suite}**, budget **{sel.budget}**, protocol version **{sel.protocol_version}**:"
     " finished runs, mean ± std over seeds."
 )
+
+
+@st.cache_data(ttl=common.CACHE_SECONDS, show_spinner=False)
+def is_gan_board(url: str, sel: Selection) -> bool:
+    return D.is_gan_board(common.engine(url), sel)
+
+
+@st.cache_data(ttl=common.CACHE_SECONDS, show_spinner="Ranking...")
+def gan_board(url: str, sel: Selection) -> pd.DataFrame:
+    return D.gan_board_view(common.engine(url), sel)
+
+
+def mean_std_of(table: pd.DataFrame, metric: str, scale: float, digits: int) -> pd.Series:
+    """``<metric>_mean`` ± ``<metric>_std`` of ``table`` as text ("-" where not measured)."""
+    mean = table.get(f"{metric}_mean", pd.Series(float("nan"), index=table.index)) * scale
+    std = table.get(f"{metric}_std", pd.Series(float("nan"), index=table.index)) * scale
+    return pd.Series(
+        [
+            "-" if pd.isna(m) else f"{m:.{digits}f}" + ("" if pd.isna(s) else f" ± {s:.{digits}f}")
+            for m, s in zip(mean, std, strict=True)
+        ],
+        index=table.index,
+    )
+
+
+def rank_label(rank) -> str:
+    return f"{int(rank)} {MEDALS.get(int(rank), '')}".strip() if pd.notna(rank) else "-"
+
+
+def show_gan_board(table: pd.DataFrame) -> None:
+    """One table per score group (the caption says which scores), pairs without scores last."""
+    st.caption(
+        "Generator (G) x discriminator (D) norm pairs ranked by FID, lower is better. Only scores "
+        "of the same feature network and sample counts are ranked together. Sample grids and "
+        "FID over training: the GAN page."
+    )
+    for group in D.score_groups(table):
+        rows = table[table.score_group == group]
+        st.subheader(D.score_group_title(group))
+        st.caption(D.score_group_caption(group))
+        view = pd.DataFrame({"rank": rows["rank"].map(rank_label)}) if group else pd.DataFrame()
+        view["G norm"] = rows.g_norm
+        view["D norm"] = rows.d_norm
+        view["optimizer"] = rows.optimizer
+        if group:
+            view["FID"] = mean_std_of(rows, M.GAN_FID, 1.0, 1)
+            view["KID"] = mean_std_of(rows, M.GAN_KID, 1.0, 4)
+            view["sample diversity"] = mean_std_of(rows, M.GAN_DIVERSITY, 1.0, 3)
+            view["collapsed seeds"] = rows.collapsed
+            view["n"] = rows.n
+        view["runs"] = rows.status
+        st.dataframe(
+            view,
+            hide_index=True,
+            width="stretch",
+            key=f"gan_board:{group}",
+            column_config={
+                "FID": st.column_config.TextColumn(
+                    help="Fréchet inception distance, mean ± std over seeds; lower is better."
+                ),
+                "KID": st.column_config.TextColumn(
+                    help="Kernel inception distance (unbiased MMD², cubic kernel), mean ± std "
+                    "over seeds; lower is better."
+                ),
+                "sample diversity": st.column_config.TextColumn(
+                    help="Mean pairwise distance between generated images; near 0: collapse."
+                ),
+                "collapsed seeds": st.column_config.NumberColumn(
+                    help="Seeds whose samples collapsed (diversity under the threshold)."
+                ),
+                "n": st.column_config.NumberColumn(help="finished seeds behind the mean"),
+                "runs": st.column_config.TextColumn(help="every run of the pair on this board"),
+            },
+        )
+    st.download_button(
+        "Download CSV",
+        table.to_csv(index=False).encode(),
+        file_name=f"normbench-{sel.suite}-{sel.budget}.csv",
+        mime="text/csv",
+    )
+
+
+if is_gan_board(url, sel):
+    board = gan_board(url, sel)
+    if board.empty:
+        st.info("No runs match these filters. Widen them in the sidebar.")
+    else:
+        show_gan_board(board)
+    st.stop()
 
 rankings = list(RANKINGS)
 robust = common.has_corruption_results(url, sel)
@@ -31,15 +124,7 @@ if table.empty:
 
 
 def mean_std(metric: str, scale: float = 100.0, digits: int = 2) -> pd.Series:
-    mean = table.get(f"{metric}_mean", pd.Series(float("nan"), index=table.index)) * scale
-    std = table.get(f"{metric}_std", pd.Series(float("nan"), index=table.index)) * scale
-    return pd.Series(
-        [
-            "-" if pd.isna(m) else f"{m:.{digits}f}" + ("" if pd.isna(s) else f" ± {s:.{digits}f}")
-            for m, s in zip(mean, std, strict=True)
-        ],
-        index=table.index,
-    )
+    return mean_std_of(table, metric, scale, digits)
 
 
 ranked = table[table["rank"].notna()]
@@ -52,10 +137,7 @@ if podium:
 
 view = pd.DataFrame(
     {
-        "rank": [
-            f"{int(r)} {MEDALS.get(int(r), '')}".strip() if pd.notna(r) else "-"
-            for r in table["rank"]
-        ],
+        "rank": table["rank"].map(rank_label),
         "norm": table.norm + table.submission.map({True: " (submission)", False: ""}),
         "optimizer": table.optimizer,
         "clean acc %": mean_std("accuracy"),
