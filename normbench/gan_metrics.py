@@ -337,7 +337,9 @@ def sample_diversity(images: Tensor) -> float:
     x = images[:_DIVERSITY_SAMPLES].detach().to("cpu", torch.float64).flatten(1)
     if images.dtype == torch.uint8:
         x = x / 255
-    elif not images.is_floating_point() or x.min() < 0 or x.max() > 1:
+    elif (
+        not images.is_floating_point() or not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1
+    ):
         raise NormbenchError("sample_diversity needs uint8 images or float images in [0, 1]")
     return float(torch.pdist(x).mean() / x.shape[1] ** 0.5)
 
