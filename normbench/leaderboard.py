@@ -348,7 +348,8 @@ def gan_board(engine: Engine, suite: str, budget: str, *, protocol_version: int)
         return table
     values = values[values.metric.isin(GAN_SUMMARIES)].merge(scored[["run_id", *keys]])
     stats = values.groupby([*keys, "metric"]).value.agg(["mean", "std", "count"]).reset_index()
-    wide = stats.pivot_table(index=keys, columns="metric", values=["mean", "std"], dropna=False)
+    # Only the (pair, score protocol) combinations that have scores: not every pair in every group.
+    wide = stats.pivot_table(index=keys, columns="metric", values=["mean", "std"], dropna=True)
     wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
     wide = wide.reset_index()
     n = stats[stats.metric == M.GAN_FID][[*keys, "count"]].rename(columns={"count": "n"})
@@ -357,8 +358,11 @@ def gan_board(engine: Engine, suite: str, budget: str, *, protocol_version: int)
     table["n"] = table["n"].fillna(0).astype(int)
     collapsed = f"{M.GAN_COLLAPSED}_mean"
     table["collapsed"] = (table.get(collapsed, 0) * table["n"]).round().fillna(0).astype(int)
-    groups = table[list(GAN_SCORE_KEYS)].astype(str).agg(" / ".join, axis=1)
-    table["score_group"] = groups
+    # "network / generated / real"; "" for a pair without scores
+    table["score_group"] = [
+        "" if any(pd.isna(v) for v in values) else " / ".join(str(v) for v in values)
+        for values in table[list(GAN_SCORE_KEYS)].itertuples(index=False)
+    ]
     fid = f"{M.GAN_FID}_mean"
     if fid not in table:
         table[fid] = math.nan
