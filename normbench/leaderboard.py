@@ -344,7 +344,9 @@ def gan_board(engine: Engine, suite: str, budget: str, *, protocol_version: int)
         )
         .reset_index()
     )
-    if scored.empty:
+    if scored.empty:  # nothing scored yet: the pairs and their runs' statuses
+        table.insert(0, "rank", pd.NA)
+        table["n"], table["collapsed"], table["score_group"] = 0, 0, ""
         return table
     values = values[values.metric.isin(GAN_SUMMARIES)].merge(scored[["run_id", *keys]])
     stats = values.groupby([*keys, "metric"]).value.agg(["mean", "std", "count"]).reset_index()

