@@ -92,12 +92,17 @@ def test_builtin_gan_suite_crosses_three_by_three_at_every_budget():
         ({"extra": "fid_every = 2"}, "fid_every_samples"),
         ({"extra": "ema = 0.999\nema_start = 4"}, "ema_start"),
         ({"extra": "fid_samples = 1"}, "fid_samples"),
+        ({"extra": "model_args = { depth = 3 }"}, "model_args.depth: GAN 'dcgan' has no such"),
+        ({"extra": "model_args = { width = 0 }"}, "model_args.width: must be a positive integer"),
     ],
 )
 def test_bad_gan_suites_are_refused_naming_the_key(tmp_path, kwargs, message):
     path = write_suite(tmp_path, **kwargs)
-    if kwargs.get("extra", "").startswith("fid_samples"):  # a second value for the key
-        path.write_text(path.read_text().replace("fid_samples = 20\n", ""))
+    for key in ("fid_samples", "model_args"):  # a second value for the key: drop the first
+        if kwargs.get("extra", "").startswith(key):
+            lines = path.read_text().splitlines(keepends=True)
+            first = next(i for i, line in enumerate(lines) if line.startswith(key))
+            path.write_text("".join(lines[:first] + lines[first + 1 :]))
     with pytest.raises(SuiteError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_suite_file(path)
 

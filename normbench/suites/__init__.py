@@ -339,9 +339,22 @@ def _check_probe_budget(path: Path, bname: str, budget: ProbeBudget) -> None:
 
 def _check_gan_budget(path: Path, bname: str, budget: GanBudget) -> None:
     """A GAN budget's architecture exists and its counts fit together."""
-    from normbench.gan_models import GAN_MODELS
+    from normbench.gan_models import GAN_MODELS, gan_options
 
     _check_name(GAN_MODELS, budget.arch, path, f"budgets.{bname}.arch")
+    known = gan_options(budget.arch)
+    for option, value in budget.model_args.items():
+        if option not in known:
+            offered = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+            raise SuiteError(
+                f"{path}: budgets.{bname}.model_args.{option}: GAN {budget.arch!r} has no such "
+                f"option; its options (with defaults): {offered}."
+            )
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SuiteError(
+                f"{path}: budgets.{bname}.model_args.{option}: must be a positive integer; got "
+                f"{value!r}."
+            )
     if budget.fid_every and budget.fid_every_samples < 2:
         raise SuiteError(
             f"{path}: budgets.{bname}.fid_every_samples: FID over training (fid_every = "
