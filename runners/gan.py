@@ -27,13 +27,13 @@ from collections import deque
 from pathlib import Path
 
 import torch
-from normbench.gan_models import GeneratorEMA, build_gan, d_loss, g_loss
 
 from normbench import gan_metrics
 from normbench import metrics as M
 from normbench.data import TensorLoader, load_dataset
 from normbench.errors import NormbenchError
 from normbench.estimate import Rates
+from normbench.gan_models import GeneratorEMA, build_gan, d_loss, g_loss
 from normbench.metrics import MetricRow
 from normbench.models import parameter_count
 from normbench.norms import norm_source_sha256
