@@ -145,7 +145,10 @@ def launch_job(job: Job, scratch: Path):
     (config.cache_dir() / "datasets").mkdir(parents=True, exist_ok=True)
     policy = policy_for(job)
     payload = {"job": job.to_json(), "policy": policy.to_json()}
-    return sandbox.launch("runners.worker", payload, policy=policy, scratch=scratch)
+    # The worker's HOME is its scratch folder, so without this its default cache would be there:
+    # it would decode the dataset again, and recompute the prepared real-image features, every run.
+    cache = {"NORMBENCH_CACHE_DIR": str(config.cache_dir())}
+    return sandbox.launch("runners.worker", payload, policy=policy, scratch=scratch, env=cache)
 
 
 SCRATCH_PREFIX = "normbench-worker-"
