@@ -632,35 +632,43 @@ def _score_group_title(group: str) -> str:
     )
 
 
-def _gan_table(table, title: str) -> Table:
-    """The GAN board: generator x discriminator norm pairs ranked by FID (lower is better)."""
-    from normbench import metrics as M
+def _mean_std_cell(metric: str, fmt: str):
+    """A column's cell: ``<metric>_mean`` ± ``<metric>_std``, each formatted with ``fmt``."""
 
-    def value(metric: str, fmt: str):
-        def cell(r) -> str:
-            mean, std = r.get(f"{metric}_mean"), r.get(f"{metric}_std")
-            return _num(mean, fmt) + ("" if _missing(std) else f" ± {fmt.format(std)}")
+    def cell(r) -> str:
+        mean, std = r.get(f"{metric}_mean"), r.get(f"{metric}_std")
+        return _num(mean, fmt) + ("" if _missing(std) else f" ± {fmt.format(std)}")
 
-        return cell
+    return cell
 
-    columns = [
-        ("#", lambda r: _num(r.get("rank"), "{:.0f}")),
-        ("G norm", lambda r: r["g_norm"]),
-        ("D norm", lambda r: r["d_norm"]),
-        ("optimizer", lambda r: r["optimizer"]),
-        ("FID", value(M.GAN_FID, "{:.1f}")),
-        ("KID", value(M.GAN_KID, "{:.4f}")),
-        ("sample diversity", value(M.GAN_DIVERSITY, "{:.3f}")),
-        ("collapsed", lambda r: str(r.get("collapsed", 0))),
-        ("n", lambda r: str(r.get("n", 0))),
-        ("runs", lambda r: r["status"]),
-    ]
+
+def _rows_table(table, title: str, columns) -> Table:
+    """A rich table of ``table``'s rows, one column per (header, cell function)."""
     t = Table(title=title)
     for name, _ in columns:
         t.add_column(name, overflow="fold")
     for r in table.to_dict("records"):
         t.add_row(*(fn(r) for _, fn in columns))
     return t
+
+
+def _gan_table(table, title: str) -> Table:
+    """The GAN board: generator x discriminator norm pairs ranked by FID (lower is better)."""
+    from normbench import metrics as M
+
+    columns = [
+        ("#", lambda r: _num(r.get("rank"), "{:.0f}")),
+        ("G norm", lambda r: r["g_norm"]),
+        ("D norm", lambda r: r["d_norm"]),
+        ("optimizer", lambda r: r["optimizer"]),
+        ("FID", _mean_std_cell(M.GAN_FID, "{:.1f}")),
+        ("KID", _mean_std_cell(M.GAN_KID, "{:.4f}")),
+        ("sample diversity", _mean_std_cell(M.GAN_DIVERSITY, "{:.3f}")),
+        ("collapsed", lambda r: str(r.get("collapsed", 0))),
+        ("n", lambda r: str(r.get("n", 0))),
+        ("runs", lambda r: r["status"]),
+    ]
+    return _rows_table(table, title, columns)
 
 
 def _probe_table(table, title: str) -> Table:
@@ -668,30 +676,18 @@ def _probe_table(table, title: str) -> Table:
     seeds)."""
     from normbench import metrics as M
 
-    def value(metric: str, fmt: str):
-        def cell(r) -> str:
-            mean, std = r.get(f"{metric}_mean"), r.get(f"{metric}_std")
-            return _num(mean, fmt) + ("" if _missing(std) else f" ± {fmt.format(std)}")
-
-        return cell
-
     columns = [
         ("model", lambda r: r["model"]),
         ("norm", lambda r: r["norm"]),
-        ("activation growth (last / first block)", value(M.PROBE_ACT_GROWTH, "{:.3g}")),
-        ("last-block sample similarity", value(M.PROBE_LAST_COSINE, "{:.3f}")),
-        ("last-block stable rank", value(M.PROBE_LAST_STABLE_RANK, "{:.3g}")),
-        ("grad norm first / last conv", value(M.PROBE_GRAD_RATIO, "{:.3g}")),
+        ("activation growth (last / first block)", _mean_std_cell(M.PROBE_ACT_GROWTH, "{:.3g}")),
+        ("last-block sample similarity", _mean_std_cell(M.PROBE_LAST_COSINE, "{:.3f}")),
+        ("last-block stable rank", _mean_std_cell(M.PROBE_LAST_STABLE_RANK, "{:.3g}")),
+        ("grad norm first / last conv", _mean_std_cell(M.PROBE_GRAD_RATIO, "{:.3g}")),
         ("non-finite at block", lambda r: _num(r.get("nonfinite_block"), "{:.0f}", "")),
         ("n", lambda r: str(r.get("n", 0))),
         ("runs", lambda r: r["status"]),
     ]
-    t = Table(title=title)
-    for name, _ in columns:
-        t.add_column(name, overflow="fold")
-    for r in table.to_dict("records"):
-        t.add_row(*(fn(r) for _, fn in columns))
-    return t
+    return _rows_table(table, title, columns)
 
 
 def _leaderboard_table(table, title: str, robustness: bool) -> Table:

@@ -252,17 +252,7 @@ def probe_board(
         for c in runs.config
     ]
     keys = ["model", "norm"]
-    order = list(RunStatus)
-    counts = (
-        runs.groupby(keys)
-        .status.agg(
-            runs="size",
-            status=lambda st: ", ".join(
-                f"{(st == s).sum()} {s.value}" for s in order if (st == s).any()
-            ),
-        )
-        .reset_index()
-    )
+    counts = _run_counts(runs, keys)
     if values.empty:
         return counts
     values = values.merge(runs[["run_id", *keys]], on="run_id")
@@ -277,6 +267,22 @@ def probe_board(
     table["nonfinite_block"] = table.get(nonfinite, math.nan)
     table = table.drop(columns=[c for c in table if c.startswith(M.PROBE_NONFINITE_LAYER)])
     return table.sort_values(keys, key=_model_then_name).reset_index(drop=True)
+
+
+def _run_counts(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per ``keys``: how many runs (``runs``) and their statuses in words (``status``:
+    "2 finished, 1 diverged")."""
+    order = list(RunStatus)
+    return (
+        runs.groupby(keys)
+        .status.agg(
+            runs="size",
+            status=lambda st: ", ".join(
+                f"{(st == s).sum()} {s.value}" for s in order if (st == s).any()
+            ),
+        )
+        .reset_index()
+    )
 
 
 def _model_then_name(column: pd.Series) -> pd.Series:
@@ -333,17 +339,7 @@ def gan_board(engine: Engine, suite: str, budget: str, *, protocol_version: int)
     pair = ["g_norm", "d_norm", "optimizer"]
     keys = [*pair, *GAN_SCORE_KEYS]
     scored = runs[runs[M.GAN_GEN_SAMPLES] >= 0]
-    order = list(RunStatus)
-    table = (
-        runs.groupby(pair)
-        .status.agg(
-            runs="size",
-            status=lambda st: ", ".join(
-                f"{(st == s).sum()} {s.value}" for s in order if (st == s).any()
-            ),
-        )
-        .reset_index()
-    )
+    table = _run_counts(runs, pair)
     if scored.empty:  # nothing scored yet: the pairs and their runs' statuses
         table.insert(0, "rank", pd.NA)
         table["n"], table["collapsed"], table["score_group"] = 0, 0, ""

@@ -40,7 +40,7 @@ from normbench.norms import norm_source_sha256
 from normbench.runtime import synchronize
 from normbench.suites import RunSpec
 from runners.classify import Progress, RunResult, _load_checkpoint, _save_checkpoint
-from runners.probe import TrainStream, _rng_state, _set_rng_state
+from runners.probe import TrainStream, _rng_state, _row_tuple, _set_rng_state
 
 #: Real images scaled from uint8 to [-1, 1] (the generator's tanh range).
 HALF = (0.5, 0.5, 0.5)
@@ -94,10 +94,6 @@ def sample_grid_png(images: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _row_tuple(row: MetricRow) -> tuple:
-    return (row.name, row.value, row.split, row.corruption, row.severity, row.layer, row.step)
 
 
 def run(
