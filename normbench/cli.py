@@ -178,7 +178,7 @@ Seeds = Annotated[
     typer.Option(
         parser=_seeds,
         metavar="SEEDS",
-        help="Comma-separated seeds, e.g. 0,1,2 (default: the suite's).",
+        help="Comma-separated seeds, e.g. 0,1,2 (default: the budget's, else the suite's).",
     ),
 ]
 Timeout = Annotated[
@@ -715,6 +715,9 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
         ("norm", lambda r: r["norm"]),
         ("optimizer", lambda r: r["optimizer"]),
     ]
+    # Only a suite that sweeps a setting within a pair (label noise, batch size) has variants.
+    if "variant" in table and (table["variant"].fillna("") != "").any():
+        columns.append(("variant", lambda r: r["variant"]))
     if robustness:
         columns += [
             ("corruption acc %", mean_std("corruption_accuracy")),
@@ -775,7 +778,7 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
         )
     t = Table(title=title, caption=caption)
     for header, _ in columns:
-        t.add_column(header, no_wrap=header in ("norm", "optimizer"))
+        t.add_column(header, no_wrap=header in ("norm", "optimizer", "variant"))
     for row in table.to_dict("records"):
         t.add_row(*(cell(row) for _, cell in columns))
     return t

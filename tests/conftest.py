@@ -91,7 +91,7 @@ def cifar_c_smoke_db(tmp_path_factory, session_cache) -> Path:
         mp.setenv("NORMBENCH_CACHE_DIR", str(session_cache))
         result = invoke(
             "run", "--suite=cifar-c", "--budget=smoke", "--norms=batchnorm,layernorm",
-            "--optimizers=sgd", f"--db={db}", f"--data-dir={data}",
+            "--optimizers=sgd", "--seeds=0", f"--db={db}", f"--data-dir={data}",
         )  # fmt: skip
     assert result.exit_code == 0, result.output
     return db

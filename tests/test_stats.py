@@ -90,3 +90,39 @@ def test_board_ties_correct_over_the_tested_comparisons_only():
     raw_third = paired_test(second, third)
     expected = holm([raw, raw_third])
     assert adjusted[1:] == pytest.approx(expected)
+
+
+# --- per-budget seeds: how many seeds a board's statistics rest on --------------------------------
+
+
+def test_a_budget_names_its_own_seeds_without_changing_any_run_key(tmp_path):
+    from helpers import tiny_suite
+
+    from normbench.errors import SuiteError
+    from normbench.suites import load_suite_file, plan
+
+    path = tiny_suite(tmp_path)
+    before = plan(load_suite_file(path), "smoke")
+    text = path.read_text()
+    path.write_text(text.replace("[budgets.smoke]\n", "[budgets.smoke]\nseeds = [0, 3]\n"))
+    suite = load_suite_file(path)
+    after = plan(suite, "smoke")
+    assert [s.seed for s in before] == [0] and [s.seed for s in after] == [0, 3]
+    assert after[0].key == before[0].key and "seeds" not in after[0].settings
+    assert [s.seed for s in plan(suite, "smoke", seeds=[5])] == [5]  # --seeds wins
+    path.write_text(text.replace("[budgets.smoke]\n", "[budgets.smoke]\nseeds = [1, 1]\n"))
+    with pytest.raises(SuiteError, match=r"budgets\.smoke\.seeds: a seed is repeated"):
+        load_suite_file(path)
+    path.write_text(text.replace("[budgets.smoke]\n", "[budgets.smoke]\nseeds = []\n"))
+    with pytest.raises(SuiteError, match=r"budgets\.smoke\.seeds"):
+        load_suite_file(path)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar-c", "sam-on", "landscape", "imagenet-c"])
+def test_built_in_smoke_and_full_budgets_run_three_seeds_and_cpu_budgets_one(name):
+    from normbench.suites import load_suite, plan
+
+    suite = load_suite(name)
+    for budget in suite.spec.budgets:
+        seeds = {s.seed for s in plan(suite, budget, norms=["batchnorm"], optimizers=["sgd"])}
+        assert seeds == ({0, 1, 2} if budget in ("smoke", "full") else {0}), budget

@@ -33,7 +33,7 @@ from normbench.models import (
     conv_norm_factory,
     create_model,
 )
-from normbench.norms import NORMS, affine_parameters, norm_class
+from normbench.norms import BATCH_STATS, NORMS, affine_parameters, norm_class
 from normbench.optim import (
     NORM_AFFINE_ONLY,
     OPTIMIZERS,
@@ -59,6 +59,8 @@ DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenette-mini")
 CORRUPTED_DATASETS = {"cifar10-c": ("cifar10",), "imagenet-c": ("imagenet", "imagenette-mini")}
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+#: A budget's own seeds, overriding the suite's (None: the suite's ``seeds``).
+BudgetSeeds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], Field(min_length=1)]
 
 
 class _Strict(BaseModel):
@@ -78,6 +80,37 @@ class Landscape(_Strict):
     # the step sizes eta of the points w - eta g along the gradient g
     step_sizes: Annotated[list[Annotated[float, Field(gt=0.0)]], Field(min_length=1)]
     ics: bool = True  # also internal covariate shift per weight layer (a pass per layer)
+
+
+class Adaptation(_Strict):
+    """Test-time adaptation of the norm layers on the clean and corrupted test images
+    (normbench.adaptation), reported under metric names of their own: ``bn`` re-estimates the
+    batch-statistics norms on each test batch (Schneider et al. 2020, N = 0), ``tent`` also takes
+    one entropy-minimising Adam step per batch on the norms' affine parameters (Wang et al.
+    2021). Only norms with batch statistics (and, for tent, affine parameters) qualify."""
+
+    methods: Annotated[list[Literal["bn", "tent"]], Field(min_length=1)]
+    batch_size: Annotated[int, Field(ge=1)] = 200  # test images per adaptation batch
+    tent_lr: Annotated[float, Field(gt=0.0)] = 1e-3  # TENT's Adam learning rate
+
+    @pydantic.field_validator("methods")
+    @classmethod
+    def _once_each(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) < len(methods):
+            raise ValueError(f"each method once; got {methods}")
+        return methods
+
+
+class Adversarial(_Strict):
+    """L-infinity FGSM and PGD of the trained model (normbench.attacks) on ``subset`` test images
+    (a fixed seeded subset): pixel units in [0, 1], before the mean/std normalization."""
+
+    subset: Annotated[int, Field(ge=1)] = 1000  # test images attacked
+    eps: Annotated[float, Field(ge=0.0, le=1.0)] = 8 / 255
+    step_size: Annotated[float, Field(gt=0.0, le=1.0)] = 2 / 255  # per PGD step
+    steps: Annotated[int, Field(ge=1)] = 20  # PGD steps
+    random_start: bool = True  # PGD starts uniformly in the eps-ball (seeded by the run's seed)
+    batch_size: Annotated[int, Field(ge=1)] = 500
 
 
 class Budget(_Strict):
@@ -101,6 +134,9 @@ class Budget(_Strict):
     label_smoothing: Fraction = 0.0
     augment: Augment = Augment()
     landscape: Landscape | None = None  # probes during training; None: off
+    adaptation: Adaptation | None = None  # BN adaptation / TENT at test time; None: off
+    adversarial: Adversarial | None = None  # FGSM/PGD after the clean evaluation; None: off
+    seeds: BudgetSeeds | None = None  # overrides the suite's seeds at this budget
     optimizers: dict[str, dict[str, Any]]  # hyper-parameters per optimizer name
 
 
@@ -131,6 +167,7 @@ class ProbeBudget(_Strict):
     train_subset: Annotated[int, Field(ge=0)] = 0  # 0 = the whole training set
     precision: Literal["fp32"] = "fp32"
     augment: Augment = Augment()
+    seeds: BudgetSeeds | None = None  # overrides the suite's seeds at this budget
     optimizers: dict[str, dict[str, Any]]  # hyper-parameters per optimizer name
 
 
@@ -164,6 +201,7 @@ class GanBudget(_Strict):
     fid_every_samples: Annotated[int, Field(ge=0)] = 0
     checkpoint_every: Annotated[int, Field(ge=1)] = 1000  # generator steps between checkpoints
     grid: Annotated[int, Field(ge=1, le=256)] = 64  # generated images in the saved sample grid
+    seeds: BudgetSeeds | None = None  # overrides the suite's seeds at this budget
     optimizers: dict[str, dict[str, Any]]  # hyper-parameters per optimizer name (both networks)
 
 
@@ -398,6 +436,8 @@ def load_suite_file(path: Path) -> Suite:
     _check_name(NORMS, spec.reference.norm, path, "reference.norm")
     _check_name(OPTIMIZERS, spec.reference.optimizer, path, "reference.optimizer")
     for bname, budget in spec.budgets.items():
+        if budget.seeds is not None and len(set(budget.seeds)) < len(budget.seeds):
+            raise SuiteError(f"{path}: budgets.{bname}.seeds: a seed is repeated.")
         if isinstance(budget, ProbeBudget):
             _check_probe_budget(path, bname, budget)
         elif isinstance(budget, GanBudget):
@@ -589,6 +629,26 @@ def _has_affine(norm: str) -> bool:
     return bool(affine_parameters(block))
 
 
+def _check_adaptation(norm: str, methods: list[str], suite: str) -> None:
+    """Refuse a norm that test-time adaptation cannot touch: without batch statistics there is
+    nothing to re-estimate (the adapted accuracy would be the plain one under another name), and
+    TENT without affine parameters has nothing to learn."""
+    leave_out = f"Leave {norm!r} out (--norms) or run a suite without adaptation"
+    if not NORMS.info(norm).has(BATCH_STATS):
+        with_stats = [e.info.name for e in NORMS if e.info.has(BATCH_STATS)]
+        raise NormbenchError(
+            f"Suite {suite!r} adapts the norms at test time ({', '.join(methods)}), which "
+            f"re-estimates batch statistics, and norm {norm!r} has none: its adapted accuracy "
+            f"would be its plain one. Norms with batch statistics: {', '.join(with_stats)}. "
+            f"{leave_out}."
+        )
+    if "tent" in methods and not _has_affine(norm):
+        raise NormbenchError(
+            f"Suite {suite!r} runs TENT, which learns only the norms' affine parameters, and "
+            f"norm {norm!r} has none. {leave_out}."
+        )
+
+
 def plan(
     suite: Suite,
     budget: str,
@@ -604,7 +664,10 @@ def plan(
     # Canonical names: "groupnorm(groups=8)" however spelled, so one configuration is one row.
     norms = [NORMS.info(norm).name for norm in norms or suite.spec.norms]
     optimizers = optimizers or list(suite.spec.optimizers)
-    seeds = list(suite.spec.seeds) if seeds is None else seeds
+    # --seeds, else the budget's own seeds, else the suite's. Seeds are never settings: a run's
+    # seed is its own field of the spec, so a budget that names its seeds keeps every run key.
+    if seeds is None:
+        seeds = list(suite.spec.seeds if b.seeds is None else b.seeds)
     if isinstance(b, GanBudget):
         return _plan_gan(suite, budget, b, norms, optimizers, seeds, d_norms)
     models = b.models if isinstance(b, ProbeBudget) else [ProbeModel(model=b.model)]
@@ -627,15 +690,18 @@ def plan(
                 f"{budget!r} (it has: {', '.join(b.optimizers)}). Add a "
                 f"[budgets.{budget}.optimizers.{opt}] table to {suite.path}."
             )
+    if isinstance(b, Budget) and b.adaptation is not None:
+        for norm in norms:
+            _check_adaptation(norm, b.adaptation.methods, suite.name)
     dataset = b.dataset or suite.spec.dataset
     if isinstance(b, ProbeBudget):
-        common = b.model_dump(exclude={"optimizers", "models"})
+        common = b.model_dump(exclude={"optimizers", "models", "seeds"})
         variants = [
             {**common, "model": m.model, "model_args": dict(m.model_args), "model_label": m.label}
             for m in b.models
         ]
     else:
-        settings = b.model_dump(exclude={"optimizers"})
+        settings = b.model_dump(exclude={"optimizers", "seeds"})
         if dataset in CORRUPTED_DATASETS.get(suite.spec.corruption_set, ()):
             settings["corruption_set"] = suite.spec.corruption_set
         variants = [settings]
@@ -683,7 +749,7 @@ def _plan_gan(
                 f"{budget!r} (it has: {', '.join(b.optimizers)}). Add a "
                 f"[budgets.{budget}.optimizers.{opt}] table to {suite.path}."
             )
-    common = b.model_dump(exclude={"optimizers", "arch"})
+    common = b.model_dump(exclude={"optimizers", "arch", "seeds"})
     return [
         RunSpec(
             suite=suite.name,
