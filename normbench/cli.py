@@ -547,6 +547,11 @@ def _num(value: Any, fmt: str, missing: str = "-") -> str:
     return missing if _missing(value) else fmt.format(value)
 
 
+def _is_true(value: Any) -> bool:
+    """True for a true flag; False for false and for a missing one (NA)."""
+    return not _missing(value) and bool(value)
+
+
 def _pct(mean: Any, std: Any) -> str:
     if _missing(mean):
         return "-"
@@ -692,9 +697,22 @@ def _probe_table(table, title: str) -> Table:
 
 def _leaderboard_table(table, title: str, robustness: bool) -> Table:
     from normbench import metrics as M
+    from normbench.leaderboard import tie_legend
 
     def mean_std(metric: str):
         return lambda r: _pct(r.get(f"{metric}_mean"), r.get(f"{metric}_std"))
+
+    def ranked(metric: str):
+        """The ranked metric: mean [95% interval] n=seeds; one seed has no interval."""
+
+        def cell(r) -> str:
+            mean, low, high = (r.get(f"{metric}_{s}") for s in ("mean", "ci_low", "ci_high"))
+            if _missing(mean):
+                return "-"
+            ci = "" if _missing(low) else f" [{100 * low:.2f}, {100 * high:.2f}]"
+            return f"{100 * mean:.2f}{ci} n={r['n']}"
+
+        return cell
 
     def speed(r) -> str:
         ratio, iqr = r.get(f"{M.SPEED_VS_BN}_mean"), r.get(f"{M.SPEED_VS_BN_IQR}_mean")
@@ -711,7 +729,8 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
         return f"{r['worst_corruption']} ({100 * r['worst_corruption_accuracy']:.1f})"
 
     columns = [
-        ("#", lambda r: _num(r["rank"], "{:.0f}")),
+        # "=": tied with the row above (the caption's legend)
+        ("#", lambda r: _num(r["rank"], "{:.0f}") + (" =" if _is_true(r.get("tied")) else "")),
         ("norm", lambda r: r["norm"]),
         ("optimizer", lambda r: r["optimizer"]),
     ]
@@ -720,7 +739,7 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
         columns.append(("variant", lambda r: r["variant"]))
     if robustness:
         columns += [
-            ("corruption acc %", mean_std("corruption_accuracy")),
+            ("corruption acc % [95% CI]", ranked("corruption_accuracy")),
             ("clean acc %", mean_std(M.ACCURACY)),
             ("mCE", lambda r: _num(r.get("mce_mean"), "{:.1f}")),
             ("rel. mCE", lambda r: _num(r.get("relative_mce_mean"), "{:.1f}")),
@@ -728,11 +747,20 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
         ]
     else:
         columns += [
-            ("accuracy %", mean_std(M.ACCURACY)),
+            ("accuracy % [95% CI]", ranked(M.ACCURACY)),
             ("ECE", lambda r: _num(r.get(f"{M.ECE}_mean"), "{:.3f}")),
         ]
+    # Boards of suites with the adversarial option: accuracy on the attacked subset.
+    adversarial = (
+        f"{M.PGD_ACCURACY}_mean" in table and table[f"{M.PGD_ACCURACY}_mean"].notna().any()
+    )
+    if adversarial:
+        columns += [
+            ("adv. subset clean %", mean_std(M.ADV_CLEAN_ACCURACY)),
+            ("FGSM acc %", mean_std(M.FGSM_ACCURACY)),
+            ("PGD acc %", mean_std(M.PGD_ACCURACY)),
+        ]
     columns += [
-        ("n", lambda r: str(r["n"])),
         ("speed vs BN", speed),
     ]
     two_pass = (
@@ -758,7 +786,7 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
         ("wall s", lambda r: _num(r.get(f"{M.WALL_TIME}_mean"), "{:.0f}")),
         ("runs", lambda r: r["status"]),
     ]
-    caption = (
+    caption = tie_legend(table) + " " + (
         "speed vs BN: each run's model timed against the same model with BatchNorm in its own "
         "process, in interleaved repetitions (median, interquartile range), mean over seeds. "
         "own images/s: the run's own throughput, measured during training (depends on what else "
@@ -776,12 +804,75 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
             "beta-smoothness, internal covariate shift (l2 and cosine, over layers); lower "
             "loss range, gradient change and beta mean a smoother landscape."
         )
+    if adversarial:
+        caption += (
+            " FGSM / PGD acc: accuracy under white-box L-infinity attacks in pixel space on a "
+            "fixed subset of the test images (its clean accuracy beside them; eps, steps and "
+            "subset size are in each run's info); a cheap indicator, not an AutoAttack evaluation."
+        )
     t = Table(title=title, caption=caption)
     for header, _ in columns:
         t.add_column(header, no_wrap=header in ("norm", "optimizer", "variant"))
     for row in table.to_dict("records"):
         t.add_row(*(cell(row) for _, cell in columns))
     return t
+
+
+class ExportFormat(StrEnum):
+    csv = "csv"
+    json = "json"
+    latex = "latex"
+    markdown = "markdown"
+
+
+@app.command()
+@user_errors
+def export(
+    suite: Annotated[str, typer.Option(help="Suite name (a classify suite).")],
+    format: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="csv (metadata as leading # lines), json, latex, markdown."),
+    ],
+    budget: BudgetOption = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="File to write (default: standard output).")
+    ] = None,
+    rank_by: Annotated[
+        str | None,
+        typer.Option(
+            "--rank-by",
+            help="Metric to rank by (default: corruption_accuracy for suites with corruptions, "
+            "else accuracy).",
+        ),
+    ] = None,
+    db: Db = None,
+) -> None:
+    """Write a suite's board for a paper or report: mean [95% CI] over seeds, ties between
+    neighbouring rows (paired t-test, Holm-corrected), the per-corruption table where the suite
+    has one, and the protocol and normbench version, read-only."""
+    from pathlib import Path
+
+    from normbench.export import load_board, render
+    from normbench.store import open_store
+    from normbench.suites import default_budget, load_suite
+
+    _plugin_norms()  # the suite may name them
+    s = load_suite(suite)
+    budget_name = budget.value if budget else default_budget(s)
+    store = open_store(config.db_url(db, create_parent=False), readonly=True)
+    board = load_board(store.engine, s, budget_name, rank_by, location=store.location)
+    text = render(board, format.value)
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    path = Path(output)
+    if not path.parent.is_dir():
+        raise NormbenchError(f"--output {output}: folder {path.parent} does not exist.")
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise NormbenchError(f"--output {output}: cannot write ({e.strerror}).") from None
+    err.print(f"Wrote {format.value} board of {s.name} / {budget_name} to {escape(str(path))}")
 
 
 @app.command()

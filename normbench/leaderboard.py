@@ -1,4 +1,8 @@
-"""Leaderboard queries: norm x optimizer rows aggregated over seeds, in SQL.
+"""Leaderboard queries: norm x optimizer (x variant) rows aggregated over seeds, in SQL.
+
+A suite that sweeps a setting within one norm and optimizer (a label-noise rate, a batch size)
+labels each setting's runs with a ``variant``; rows are per (norm, optimizer, variant), so runs of
+different variants are never averaged together. Suites that sweep nothing have the variant "".
 
 Means and standard deviations are computed from ``count``, ``avg(x)`` and ``avg(x*x)`` in the
 database, so the query cost does not grow with Python loops over runs. A norm's speed is the
@@ -22,9 +26,14 @@ from sqlalchemy import Engine, func, select
 from normbench import metrics as M
 from normbench.corruptions import BENCHMARK
 from normbench.robustness import CORRUPTION_ACCURACY, EXTRA_ACCURACY, MCE, RELATIVE_MCE
+from normbench.stats import TIE_TEST, board_ties, mean_ci
 from normbench.store.models import Metric, Run, RunStatus
 
 REFERENCE_NORM = "batchnorm"
+#: The metrics a board ranks lowest first.
+LOWER_IS_BETTER = (M.LOSS, M.ECE, M.WALL_TIME, MCE, RELATIVE_MCE)
+#: What one leaderboard row aggregates over seeds.
+GROUP = ["norm", "optimizer", "variant"]
 SUMMARY_METRICS = (
     M.ACCURACY, M.LOSS, M.ECE, M.TRAIN_THROUGHPUT, M.SPEED_VS_BN, M.SPEED_VS_BN_IQR,
     M.SPEED_VS_BASE_OPTIMIZER, M.SPEED_VS_BASE_OPTIMIZER_IQR,
@@ -32,6 +41,7 @@ SUMMARY_METRICS = (
     CORRUPTION_ACCURACY, EXTRA_ACCURACY, MCE, RELATIVE_MCE,
     M.LANDSCAPE_LOSS_RANGE_MEAN, M.LANDSCAPE_GRAD_PRED_MEAN, M.LANDSCAPE_BETA_MEAN,
     M.ICS_L2_MEAN, M.ICS_COSINE_MEAN,
+    M.ADV_CLEAN_ACCURACY, M.FGSM_ACCURACY, M.PGD_ACCURACY,
 )  # fmt: skip
 #: The whole-model summaries of the initialization probes, as the probe board shows them.
 PROBE_SUMMARIES = (
@@ -74,6 +84,7 @@ def _metric_stats(engine: Engine, sel: Selection) -> pd.DataFrame:
         select(
             Run.norm,
             Run.optimizer,
+            Run.variant,
             Metric.name,
             func.count(Metric.value).label("n"),
             func.avg(Metric.value).label("mean"),
@@ -88,12 +99,12 @@ def _metric_stats(engine: Engine, sel: Selection) -> pd.DataFrame:
             Metric.layer == -1,
             Metric.step == -1,
         )
-        .group_by(Run.norm, Run.optimizer, Metric.name)
+        .group_by(Run.norm, Run.optimizer, Run.variant, Metric.name)
     )
     with engine.connect() as conn:
         return pd.DataFrame(
             conn.execute(query).all(),
-            columns=["norm", "optimizer", "metric", "n", "mean", "mean_sq"],
+            columns=[*GROUP, "metric", "n", "mean", "mean_sq"],
         )
 
 
@@ -124,7 +135,7 @@ def kept_apart_note(versions: dict[int, int], shown: int) -> str | None:
 def _worst_corruptions(engine: Engine, sel: Selection) -> pd.DataFrame:
     """Per pair, the benchmark corruption with the lowest accuracy (mean over severities, seeds)."""
     query = (
-        select(Run.norm, Run.optimizer, Metric.corruption, func.avg(Metric.value))
+        select(Run.norm, Run.optimizer, Run.variant, Metric.corruption, func.avg(Metric.value))
         .join(Metric, Metric.run_id == Run.id)
         .where(
             *sel.finished_runs(),
@@ -133,40 +144,41 @@ def _worst_corruptions(engine: Engine, sel: Selection) -> pd.DataFrame:
             Metric.corruption.in_(BENCHMARK),
             Metric.severity == 0,
         )
-        .group_by(Run.norm, Run.optimizer, Metric.corruption)
+        .group_by(Run.norm, Run.optimizer, Run.variant, Metric.corruption)
     )
     with engine.connect() as conn:
         df = pd.DataFrame(
             conn.execute(query).all(),
-            columns=["norm", "optimizer", "worst_corruption", "worst_corruption_accuracy"],
+            columns=[*GROUP, "worst_corruption", "worst_corruption_accuracy"],
         )
     if df.empty:
         return df
-    lowest = df.groupby(["norm", "optimizer"]).worst_corruption_accuracy.idxmin()
+    lowest = df.groupby(GROUP).worst_corruption_accuracy.idxmin()
     return df.loc[lowest].reset_index(drop=True)
 
 
 def _status_counts(engine: Engine, sel: Selection) -> pd.DataFrame:
     query = (
-        select(Run.norm, Run.optimizer, Run.status, func.count(Run.id))
+        select(Run.norm, Run.optimizer, Run.variant, Run.status, func.count(Run.id))
         .where(*sel.runs())
-        .group_by(Run.norm, Run.optimizer, Run.status)
+        .group_by(Run.norm, Run.optimizer, Run.variant, Run.status)
     )
     order = list(RunStatus)
-    pairs: dict[tuple[str, str], dict[RunStatus, int]] = {}
+    pairs: dict[tuple[str, str, str], dict[RunStatus, int]] = {}
     with engine.connect() as conn:
-        for norm, optimizer, status, count in conn.execute(query):
-            pairs.setdefault((norm, optimizer), {})[status] = count
+        for norm, optimizer, variant, status, count in conn.execute(query):
+            pairs.setdefault((norm, optimizer, variant), {})[status] = count
     rows = [
         {
             "norm": norm,
             "optimizer": optimizer,
+            "variant": variant,
             "runs": sum(counts.values()),
             "status": ", ".join(f"{counts[s]} {s.value}" for s in order if s in counts),
         }
-        for (norm, optimizer), counts in pairs.items()
+        for (norm, optimizer, variant), counts in pairs.items()
     ]
-    return pd.DataFrame(rows, columns=["norm", "optimizer", "runs", "status"])
+    return pd.DataFrame(rows, columns=[*GROUP, "runs", "status"])
 
 
 def leaderboard(
@@ -180,9 +192,10 @@ def leaderboard(
     optimizers: tuple[str, ...] = (),
     protocol_version: int | None = None,
 ) -> pd.DataFrame:
-    """One row per norm x optimizer of one protocol version (default: the newest with runs):
-    ``<metric>_mean``/``_std`` for the summary metrics, ``n`` (finished seeds), ``runs``,
-    ``status``, ``protocol_version`` and ``rank`` (by ``rank_by``)."""
+    """One row per norm x optimizer x variant of one protocol version (default: the newest with
+    runs): ``variant`` ("" unless the suite sweeps a setting), ``<metric>_mean``/``_std`` for the
+    summary metrics, ``n`` (finished seeds), ``runs``, ``status``, ``protocol_version`` and
+    ``rank`` (by ``rank_by``)."""
     if protocol_version is None:
         protocol_version = max(protocol_versions(engine, suite, budget), default=None)
         if protocol_version is None:
@@ -200,25 +213,90 @@ def leaderboard(
             math.sqrt(v) if n > 1 else math.nan for v, n in zip(var, stats.n, strict=True)
         ]
         wide = stats.pivot_table(
-            index=["norm", "optimizer"], columns="metric", values=["mean", "std"], dropna=False
+            index=GROUP, columns="metric", values=["mean", "std"], dropna=False
         )
         wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
-        n = stats[stats.metric == rank_by][["norm", "optimizer", "n"]]
-        table = counts.merge(wide.reset_index(), on=["norm", "optimizer"], how="left")
-        table = table.merge(n, on=["norm", "optimizer"], how="left")
+        n = stats[stats.metric == rank_by][[*GROUP, "n"]]
+        table = counts.merge(wide.reset_index(), on=GROUP, how="left")
+        table = table.merge(n, on=GROUP, how="left")
         worst = _worst_corruptions(engine, sel)
         if not worst.empty:
-            table = table.merge(worst, on=["norm", "optimizer"], how="left")
+            table = table.merge(worst, on=GROUP, how="left")
     for column in (f"{rank_by}_mean", "n", f"{M.SPEED_VS_BN}_mean", f"{M.TRAIN_THROUGHPUT}_mean"):
         if column not in table:
             table[column] = math.nan
     table["n"] = table["n"].fillna(0).astype(int)
     table["protocol_version"] = protocol_version
-    ascending = rank_by in (M.LOSS, M.ECE, M.WALL_TIME, MCE, RELATIVE_MCE)
+    ascending = rank_by in LOWER_IS_BETTER
     table = table.sort_values(f"{rank_by}_mean", ascending=ascending, na_position="last")
     table.insert(0, "rank", range(1, len(table) + 1))
     table.loc[table[f"{rank_by}_mean"].isna(), "rank"] = pd.NA
-    return table.reset_index(drop=True)
+    return _intervals_and_ties(engine, sel, table.reset_index(drop=True), rank_by)
+
+
+def _seed_values(engine: Engine, sel: Selection, metric: str, keys: list[str]) -> dict:
+    """Per row (the values of ``keys``), the finished runs' values of ``metric``: seed -> list
+    of values (one per run; a seed twice only if the board mixes settings of one version)."""
+    query = (
+        select(*(getattr(Run, k) for k in keys), Run.seed, Metric.value)
+        .join(Metric, Metric.run_id == Run.id)
+        .where(
+            *sel.finished_runs(),
+            Metric.name == metric,
+            Metric.corruption == "",
+            Metric.severity == 0,
+            Metric.layer == -1,
+            Metric.step == -1,
+        )
+    )
+    rows: dict[tuple, dict[int, list[float]]] = {}
+    with engine.connect() as conn:
+        for *key, seed, value in conn.execute(query):
+            if value is not None and math.isfinite(value):  # SQL's avg skips NULLs too
+                rows.setdefault(tuple(key), {}).setdefault(seed, []).append(value)
+    return rows
+
+
+def _intervals_and_ties(
+    engine: Engine, sel: Selection, table: pd.DataFrame, rank_by: str
+) -> pd.DataFrame:
+    """Add the ranked metric's 95% Student-t interval over seeds (``<rank_by>_ci_low``/
+    ``_ci_high``; NaN with one seed) and each row's paired test against the row above
+    (``p_vs_above``, Holm-adjusted over the board; ``tied``: True, False or NA where not tested,
+    see :mod:`normbench.stats`)."""
+    keys = [k for k in ("norm", "optimizer", "variant") if k in table]
+    values = _seed_values(engine, sel, rank_by, keys)
+    low, high, per_seed = [], [], []
+    for key, ranked in zip(
+        table[keys].itertuples(index=False, name=None), table["rank"].notna(), strict=True
+    ):
+        seeds = values.get(tuple(key), {})
+        flat = [v for vs in seeds.values() for v in vs]
+        _, lo, hi = mean_ci(flat) if flat else (math.nan, math.nan, math.nan)
+        low.append(lo)
+        high.append(hi)
+        # A seed run twice counts once in the pairing, by its mean.
+        per_seed.append({s: sum(vs) / len(vs) for s, vs in seeds.items()} if ranked else None)
+    adjusted, tied = board_ties(per_seed)
+    table[f"{rank_by}_ci_low"], table[f"{rank_by}_ci_high"] = low, high
+    table["p_vs_above"] = [math.nan if p is None else p for p in adjusted]
+    table["tied"] = pd.array(tied, dtype="boolean")
+    return table
+
+
+def tie_legend(table: pd.DataFrame, mark: str = "=") -> str:
+    """One sentence for under a board: what ``mark`` (a tied row) means and how many adjacent
+    comparisons could not be tested."""
+    ranked = int(table["rank"].notna().sum()) if "rank" in table else 0
+    comparisons = max(ranked - 1, 0)
+    tested = int(table["tied"].notna().sum()) if "tied" in table else 0
+    text = f"{mark}: not significantly different from the row above ({TIE_TEST})."
+    if tested < comparisons:
+        text += (
+            f" {comparisons - tested} of {comparisons} adjacent comparisons not tested: fewer "
+            "than 2 seeds shared with the row above (--seeds 0,1,2 gives intervals and tests)."
+        )
+    return text
 
 
 def probe_board(

@@ -130,6 +130,7 @@ def mean_std(metric: str, scale: float = 100.0, digits: int = 2) -> pd.Series:
 ranked = table[table["rank"].notna()]
 podium = [
     f"{MEDALS[int(r['rank'])]} **{r['norm']}** + {r['optimizer']}"
+    + (f" ({r['variant']})" if r.get("variant") else "")
     for _, r in ranked.head(3).iterrows()
 ]
 if podium:
@@ -143,11 +144,25 @@ view = pd.DataFrame(
         "clean acc %": mean_std("accuracy"),
     }
 )
+# Only a suite that sweeps a setting within a pair (label noise, batch size) has variants.
+if "variant" in table and (table.variant.fillna("") != "").any():
+    view.insert(3, "variant", table.variant)
 if robust:
     view["corruption acc %"] = mean_std("corruption_accuracy")
     view["mCE"] = table.get("mce_mean")
     view["rel. mCE"] = table.get("relative_mce_mean")
     view["worst corruption"] = table.get("worst_corruption")
+# Only boards of suites with the adversarial option get the attack columns.
+if table.get(f"{M.PGD_ACCURACY}_mean", pd.Series(dtype=float)).notna().any():
+    view["adv. subset clean %"] = mean_std(M.ADV_CLEAN_ACCURACY)
+    view["FGSM acc %"] = mean_std(M.FGSM_ACCURACY)
+    view["PGD acc %"] = mean_std(M.PGD_ACCURACY)
+    st.caption(
+        "FGSM / PGD acc %: accuracy under white-box L-infinity attacks in pixel space, the model "
+        "in eval mode, on a fixed subset of the test images (adv. subset clean %: the same "
+        "images unattacked); eps, steps and subset size are on each run's page. A cheap "
+        "indicator of robustness, not an AutoAttack evaluation."
+    )
 view["speed vs BN"] = table.speed_vs_batchnorm_mean
 view["speed IQR"] = table.get("speed_vs_batchnorm_iqr_mean")
 # Only boards with a two-pass optimizer (sam...) get its cost; other boards look as they did.

@@ -548,7 +548,10 @@ class Store:
         config: dict[str, Any],
         reset: bool,
     ) -> Claim | Skip:
-        fields = {k: spec_dict[k] for k in SPEC_FIELDS} | {"model": spec_dict["settings"]["model"]}
+        settings = spec_dict["settings"]
+        fields = {k: spec_dict[k] for k in SPEC_FIELDS} | {
+            "model": settings["model"], "variant": settings.get("variant", "")
+        }  # fmt: skip
         claimed = {
             "status": RunStatus.running, "owner": owner, "heartbeat": db_now(), "error": None,
             "diverged_step": None, "device": device, "config": config, "provenance": provenance,

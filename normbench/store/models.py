@@ -1,6 +1,7 @@
 """The results schema (SQLAlchemy 2.0 typed ORM). Alembic migrations in ``db/`` create it.
 
-- ``runs``: one row per run key with its spec, status and provenance.
+- ``runs``: one row per run key with its spec, status and provenance; ``variant`` labels a setting
+  a suite sweeps within one norm and optimizer ("batch 8"), "" when it sweeps none.
 - ``metrics``: one row per (run, metric, split, corruption, severity, layer, step), raw floats;
   corruption is "" and severity 0 for clean metrics, so corruption suites need no schema change;
   layer and step are -1 except for the probes' per-layer and per-step rows.
@@ -67,6 +68,9 @@ class Run(Base):
     norm: Mapped[str] = mapped_column(String(256))
     optimizer: Mapped[str] = mapped_column(String(256))
     seed: Mapped[int]
+    # A short label for a setting the suite sweeps within one norm and optimizer ("batch 8",
+    # "symmetric 40%"); "" when it sweeps none.
+    variant: Mapped[str] = mapped_column(String(64), default="", server_default="")
     status: Mapped[RunStatus] = mapped_column(
         Enum(RunStatus, name="run_status", native_enum=False, length=16)
     )
