@@ -36,11 +36,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normbench import metrics as M
+from normbench.data import TensorLoader
 from normbench.norms import BATCH_STATS, affine_parameters, norm_info
 from normbench.runtime import autocast
 
-#: The adaptation methods a budget may list, with what they are called in messages.
-METHODS = {"bn": "BN adaptation", "tent": "TENT"}
+#: The adaptation methods a budget may list, and the metric name of each one's accuracy.
+METRICS = {"bn": M.ACCURACY_BN_ADAPT, "tent": M.ACCURACY_TENT}
 TENT_BETAS = (0.9, 0.999)  # Adam's, as in the authors' CIFAR-10-C configuration
 
 
@@ -52,8 +54,7 @@ def _has_batch_stats(module: nn.Module) -> bool:
 def batch_stats_modules(model: nn.Module) -> list[nn.Module]:
     """The innermost norm layers of ``model`` whose output depends on the batch's statistics."""
     found = [m for m in model.modules() if _has_batch_stats(m)]
-    inner = {id(c) for m in found for c in m.modules() if c is not m and _has_batch_stats(c)}
-    return [m for m in found if id(m) not in inner]
+    return [m for m in found if not any(c is not m and _has_batch_stats(c) for c in m.modules())]
 
 
 @contextmanager
@@ -167,3 +168,39 @@ def tent(
     for p in work.parameters():
         p.requires_grad_(True)
     return _collect(batches, entropy, model=work)
+
+
+def adapted_accuracies(
+    model: nn.Module,
+    ds,
+    options: dict,
+    *,
+    device: torch.device,
+    dtype=None,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> dict[str, float]:
+    """Each method of a budget's ``adaptation`` options (``methods``, ``batch_size``,
+    ``tent_lr``) on one test stream ``ds`` (an ``ArrayDataset``, in its order, the last batch
+    possibly smaller): metric name -> accuracy."""
+    loader = TensorLoader(ds, options["batch_size"], device=device, train=False, mean=mean, std=std)
+    run = {
+        "bn": lambda: bn_adapt(model, loader, dtype),
+        "tent": lambda: tent(model, loader, dtype, lr=options["tent_lr"]),
+    }
+    return {METRICS[m]: run[m]().accuracy for m in options["methods"]}
+
+
+def describe(options: dict) -> dict:
+    """The adaptation protocol as a run's provenance records it."""
+    return {
+        "methods": list(options["methods"]),
+        "batch_size": options["batch_size"],
+        "bn": "each test batch normalized with its own statistics (prior strength N = 0), "
+        "model otherwise in eval mode, nothing learned",
+        "tent": f"Adam lr {options['tent_lr']}, betas {TENT_BETAS}, one step per batch on the "
+        "mean prediction entropy, norms' affine parameters only, batch statistics; each batch "
+        "predicted before its update; reset to the trained model for each stream (the clean "
+        "test set, each corruption at each severity)",
+        "streams_in_order": "test images in their stored order, no shuffling",
+    }

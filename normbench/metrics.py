@@ -102,6 +102,26 @@ GAN_G_PARAMS = "generator_params"
 GAN_D_PARAMS = "discriminator_params"
 GAN_FEATURE_THROUGHPUT = "feature_images_per_s"  # images/s of the feature network
 
+# Adversarial robustness of classify runs with the ``adversarial`` option (normbench.attacks),
+# split "test": accuracy on a fixed seeded subset of the test images, clean and under L-infinity
+# attacks in pixel space; the attack settings are in the run's info["adversarial"].
+ADV_CLEAN_ACCURACY = "adversarial_clean_accuracy"  # the subset's clean images
+FGSM_ACCURACY = "fgsm_accuracy"  # the subset's FGSM images (one step of eps)
+PGD_ACCURACY = "pgd_accuracy"  # the subset's PGD images (steps of step_size, random start)
+
+# Test-time adaptation (normbench.adaptation) of classify runs with the ``adaptation`` option,
+# split "test": accuracy with the batch-statistics norms adapted on the test batches themselves,
+# under names of their own so it is never mixed into ``accuracy``. Rows as ``accuracy``'s: the
+# clean test set (corruption ""), each (corruption, severity), and per corruption the mean over
+# severities (severity 0); the settings are in the run's info["adaptation"].
+ACCURACY_BN_ADAPT = "accuracy_bn_adapt"  # each batch normalized with its own statistics (N = 0)
+ACCURACY_TENT = "accuracy_tent"  # TENT: online entropy minimisation, reset for each stream
+
+# Label noise (normbench.label_noise) of classify runs with a ``label_noise`` variant, split
+# "train": the fraction of the training labels the run actually trained with flipped (round(rate
+# * N) / N for symmetric noise); the noise settings and the count are in info["label_noise"].
+LABEL_NOISE_RATE_ACTUAL = "label_noise_rate_actual"
+
 
 @dataclass(frozen=True)
 class MetricRow:

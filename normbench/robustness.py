@@ -5,7 +5,9 @@ Per run (stored with it):
   (severity 0);
 - ``corruption_accuracy``: the unweighted mean of the 15 x 5 benchmark accuracies;
 - ``family_accuracy`` per family (noise, blur, weather, digital; corruption = family name);
-- ``extra_corruption_accuracy``: the mean over the 4 held-out extras.
+- ``extra_corruption_accuracy``: the mean over the 4 held-out extras;
+- with test-time adaptation, the same per-corruption means and the benchmark and extras' means
+  of each adapted accuracy under its own names (``ADAPTED_AGGREGATES``).
 
 Across runs (recomputed after every run of a suite): ``mce`` and ``relative_mce`` (x100) against
 the suite's named reference pair, averaged over the reference's finished seeds:
@@ -32,6 +34,16 @@ FAMILY_ACCURACY = "family_accuracy"
 EXTRA_ACCURACY = "extra_corruption_accuracy"
 MCE = "mce"
 RELATIVE_MCE = "relative_mce"
+#: Test-time adaptation (normbench.adaptation): per adapted accuracy name, the names of its
+#: benchmark mean and its held-out extras' mean. No family rows and no mCE for them: the mCE
+#: reference's errors are its plain ones, and a ratio of adapted to plain errors would mix two
+#: protocols in one number.
+ADAPTED_AGGREGATES = {
+    M.ACCURACY_BN_ADAPT: ("corruption_accuracy_bn_adapt", "extra_corruption_accuracy_bn_adapt"),
+    M.ACCURACY_TENT: ("corruption_accuracy_tent", "extra_corruption_accuracy_tent"),
+}
+CORRUPTION_ACCURACY_BN_ADAPT = ADAPTED_AGGREGATES[M.ACCURACY_BN_ADAPT][0]
+CORRUPTION_ACCURACY_TENT = ADAPTED_AGGREGATES[M.ACCURACY_TENT][0]
 
 
 def _mean(values) -> float:
@@ -39,14 +51,23 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def aggregate_rows(accuracy: Mapping[tuple[str, int], float]) -> list[MetricRow]:
-    """Per-corruption means and the suite aggregates from per-(corruption, severity) accuracies."""
+def aggregate_rows(
+    accuracy: Mapping[tuple[str, int], float], metric: str = M.ACCURACY
+) -> list[MetricRow]:
+    """Per-corruption means and the suite aggregates from per-(corruption, severity) accuracies;
+    ``metric`` names an adapted accuracy (``ADAPTED_AGGREGATES``) for its own aggregates."""
     rows = []
     per_corruption = {}
     for name in {c for c, _ in accuracy}:
         per_corruption[name] = _mean(accuracy[name, s] for s in SEVERITIES)
-        rows.append(MetricRow(M.ACCURACY, per_corruption[name], "test", name, 0))
+        rows.append(MetricRow(metric, per_corruption[name], "test", name, 0))
     benchmark = _mean(accuracy[c, s] for c in BENCHMARK for s in SEVERITIES)
+    if metric != M.ACCURACY:
+        overall, extra = ADAPTED_AGGREGATES[metric]
+        rows.append(MetricRow(overall, benchmark, "test"))
+        if all(c in per_corruption for c in EXTRA):
+            rows.append(MetricRow(extra, _mean(per_corruption[c] for c in EXTRA), "test"))
+        return rows
     rows.append(MetricRow(CORRUPTION_ACCURACY, benchmark, "test"))
     for family, names in FAMILIES.items():
         family_mean = _mean(per_corruption[c] for c in names)

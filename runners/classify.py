@@ -27,11 +27,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench import metrics as M
+from normbench.adaptation import adapted_accuracies
+from normbench.adaptation import describe as describe_adaptation
+from normbench.attacks import (
+    AttackSettings,
+    NoInputGradient,
+    adversarial_accuracy,
+    pixel_normalizer,
+)
 from normbench.corruptions import ALL as CORRUPTIONS_ALL
 from normbench.corruptions import SEVERITIES, TABLE_VERSION
 from normbench.corruptions.imagenet_c import ImageNetC
 from normbench.corruptions.sets import prepare_cifar10_c
 from normbench.data import NORMALIZATION, TensorLoader, load_dataset
+from normbench.label_noise import noisy_training_set
 from normbench.landscape import ics_probe, landscape_probe
 from normbench.metrics import Evaluation, MetricRow
 from normbench.models import conv_norm_factory, create_model, parameter_count
@@ -134,8 +143,10 @@ def evaluate_corruptions(
     cset,
     result: RunResult,
     progress: Progress,
+    adapt: Callable[[Any], dict[str, float]] | None = None,
 ) -> list[MetricRow]:
-    """Accuracy on every (corruption, severity) of the suite's corruption set, and aggregates."""
+    """Accuracy on every (corruption, severity) of the suite's corruption set, and aggregates;
+    with ``adapt`` (see ``adapter``), each adapted accuracy too, under its own name."""
     result.info |= {
         "corruption_set": cset.source,
         "corruption_table": TABLE_VERSION,
@@ -144,15 +155,68 @@ def evaluate_corruptions(
         "corruption_images_per_pair": cset.images_per_pair,
     }
     accuracy: dict[tuple[str, int], float] = {}
+    adapted: dict[str, dict[tuple[str, int], float]] = {}  # adapted metric -> its accuracies
     pairs = [(c, sev) for c in CORRUPTIONS_ALL for sev in SEVERITIES]
     progress.on_corruption(0, len(pairs))
     for i, (name, severity) in enumerate(pairs):
-        accuracy[name, severity] = evaluate(
-            model, loader_for(cset.load(name, severity)), dtype
-        ).accuracy
+        images = cset.load(name, severity)
+        accuracy[name, severity] = evaluate(model, loader_for(images), dtype).accuracy
+        for metric, value in (adapt(images) if adapt is not None else {}).items():
+            adapted.setdefault(metric, {})[name, severity] = value
         progress.on_corruption(i + 1, len(pairs))
     rows = [MetricRow(M.ACCURACY, a, "test", c, sev) for (c, sev), a in accuracy.items()]
-    return rows + aggregate_rows(accuracy)
+    rows += aggregate_rows(accuracy)
+    for metric, values in adapted.items():
+        rows += [MetricRow(metric, a, "test", c, sev) for (c, sev), a in values.items()]
+        rows += aggregate_rows(values, metric)
+    return rows
+
+
+def adapter(
+    spec: RunSpec, model: nn.Module, device: torch.device, dtype: torch.dtype | None, result
+) -> Callable[[Any], dict[str, float]] | None:
+    """The budget's test-time adaptation of ``model`` (normbench.adaptation) as a function from
+    one test stream (clean, or one corruption at one severity) to each method's accuracy on it;
+    None when the budget has none. The protocol goes to ``result.info["adaptation"]``."""
+    options = spec.settings.get("adaptation")
+    if not options:
+        return None
+    result.info["adaptation"] = describe_adaptation(options)
+    mean, std = NORMALIZATION[spec.dataset]
+    return lambda ds: adapted_accuracies(
+        model, ds, options, device=device, dtype=dtype, mean=mean, std=std
+    )
+
+
+def evaluate_adversarial(
+    model: nn.Module, spec: RunSpec, test_set, device: torch.device, result: RunResult
+) -> list[MetricRow]:
+    """Clean, FGSM and PGD accuracy (normbench.attacks) on the budget's fixed seeded subset of
+    the test images; the settings go to ``result.info["adversarial"]``. A model that cannot be
+    attacked (no gradient reaches its input) gets the reason there instead of metric rows."""
+    options = dict(spec.settings["adversarial"])
+    subset = test_set.subset(options.pop("subset"), seed=0)  # the same images for every run
+    settings = AttackSettings(**options)
+    info = settings.describe() | {"images": len(subset), "random_start_seed": spec.seed}
+    result.info["adversarial"] = info
+    mean, std = NORMALIZATION[spec.dataset]
+    try:
+        acc = adversarial_accuracy(
+            model,
+            subset.images.to(device),
+            subset.labels.to(device),
+            settings,
+            generator=torch.Generator().manual_seed(spec.seed),
+            normalize=pixel_normalizer(mean, std, device),
+        )
+    except NoInputGradient as err:
+        info["not_measured"] = str(err)
+        return []
+    return [
+        MetricRow(M.ADV_CLEAN_ACCURACY, acc.clean, "test"),
+        MetricRow(M.FGSM_ACCURACY, acc.fgsm, "test"),
+        MetricRow(M.PGD_ACCURACY, acc.pgd, "test"),
+    ]
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:
@@ -299,6 +363,8 @@ def _run(
 
     # Subsets use a fixed seed, not the run's, so every run of a budget sees the same examples.
     train_set = load_dataset(spec.dataset, "train", data_dir).subset(s["train_subset"], seed=0)
+    # A label-noise variant trains on noisy labels (its own seed); test labels stay clean.
+    train_set, label_noise = noisy_training_set(train_set, s.get("label_noise"))
     test_set = load_dataset(spec.dataset, "test", data_dir).subset(s["test_subset"], seed=0)
 
     torch.manual_seed(spec.seed)
@@ -359,6 +425,10 @@ def _run(
         "test_examples": len(test_set),
         "data_source": train_set.source,
     }
+    if label_noise is not None:
+        result.info["label_noise"] = label_noise
+    if s.get("lr_scaling"):  # a batch-size variant: lr * batch_size / the budget's batch size
+        result.info["lr_scaling"] = {**s["lr_scaling"], "batch_size": s["batch_size"]}
     if isinstance(optimizer, SharpnessAware):
         result.info["two_pass"] = optimizer.describe()
     progress.on_start(s["epochs"] - start_epoch, steps_per_epoch)
@@ -462,6 +532,8 @@ def _run(
         MetricRow(M.EPOCHS, float(result.epochs_done)),
         MetricRow(M.TRAIN_TIME, train_seconds),
     ]
+    if label_noise is not None:
+        rows.append(MetricRow(M.LABEL_NOISE_RATE_ACTUAL, label_noise["rate_actual"], "train"))
     if timed_seconds > 0:
         rows.append(MetricRow(M.TRAIN_THROUGHPUT, timed_images / timed_seconds, "train"))
     if evaluation is not None and result.status == "finished":
@@ -471,10 +543,15 @@ def _run(
             MetricRow(M.ECE, evaluation.ece, "test"),
             MetricRow(M.EVAL_THROUGHPUT, evaluation.images_per_s, "test"),
         ]
+        if s.get("adversarial"):
+            rows += evaluate_adversarial(model, spec, test_set, device, result)
+        adapt = adapter(spec, model, device, dtype, result)
+        if adapt is not None:  # the clean test set, adapted
+            rows += [MetricRow(name, value, "test") for name, value in adapt(test_set).items()]
         if s.get("corruption_set"):
             cset = corruption_source(spec, test_set, data_dir)
             rows += evaluate_corruptions(
-                model, spec, device, dtype, eval_loader, cset, result, progress
+                model, spec, device, dtype, eval_loader, cset, result, progress, adapt
             )
     if landscape is not None:
         probe_rows, left_out = landscape_rows(probe_values)

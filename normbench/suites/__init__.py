@@ -113,6 +113,21 @@ class Adversarial(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 500
 
 
+class LabelNoise(_Strict):
+    """One label-noise variant: a fraction ``rate`` of the training labels replaced, seeded by
+    ``seed`` (normbench.label_noise); test labels stay clean."""
+
+    type: Literal["symmetric", "asymmetric"]
+    rate: Fraction
+    seed: Annotated[int, Field(ge=0)] = 0
+
+    @property
+    def label(self) -> str:
+        """The variant's name on the board: ``symmetric 40%`` (with the noise seed if not 0)."""
+        seed = f" (noise seed {self.seed})" if self.seed else ""
+        return f"{self.type} {100 * self.rate:g}%{seed}"
+
+
 class Budget(_Strict):
     model: str
     dataset: Literal[DATASET_NAMES] | None = None  # type: ignore[valid-type]  # overrides the suite's
@@ -137,6 +152,10 @@ class Budget(_Strict):
     adaptation: Adaptation | None = None  # BN adaptation / TENT at test time; None: off
     adversarial: Adversarial | None = None  # FGSM/PGD after the clean evaluation; None: off
     seeds: BudgetSeeds | None = None  # overrides the suite's seeds at this budget
+    # Variants: each entry (and each batch size) is its own run per norm, optimizer and seed.
+    label_noise: list[LabelNoise] = []  # noisy training labels; [] = clean
+    # batch sizes trained with instead of batch_size, the learning rate scaled linearly
+    batch_sizes: list[Annotated[int, Field(ge=2)]] = []
     optimizers: dict[str, dict[str, Any]]  # hyper-parameters per optimizer name
 
 
@@ -405,6 +424,22 @@ def _check_gan_budget(path: Path, bname: str, budget: GanBudget) -> None:
         )
 
 
+def _check_variants(path: Path, bname: str, budget: Budget) -> None:
+    """A budget's variants are distinct, and a batch-size sweep has a learning rate to scale."""
+    labels = [n.label for n in budget.label_noise]
+    for key, values in (("label_noise", labels), ("batch_sizes", budget.batch_sizes)):
+        twice = [v for v in values if values.count(v) > 1]
+        if twice:
+            raise SuiteError(f"{path}: budgets.{bname}.{key}: {twice[0]} is listed twice.")
+    if budget.batch_sizes:
+        for opt, hparams in budget.optimizers.items():
+            if not isinstance(hparams.get("lr"), int | float):
+                raise SuiteError(
+                    f"{path}: budgets.{bname}.optimizers.{opt}.lr: batch_sizes scales the "
+                    "learning rate linearly with the batch size, so it needs an explicit lr."
+                )
+
+
 def load_suite_file(path: Path) -> Suite:
     """Read and validate a suite file; every problem is a ``SuiteError`` naming file and key."""
     try:
@@ -459,6 +494,7 @@ def load_suite_file(path: Path) -> Suite:
             raise SuiteError(
                 f"{path}: budgets.{bname}.milestones: required by schedule 'multistep'."
             )
+        _check_variants(path, bname, budget)
     if not spec.budgets:
         raise SuiteError(
             f"{path}: budgets: a suite needs at least one budget ({', '.join(BUDGETS)})."
@@ -595,7 +631,25 @@ class RunSpec:
             "train_transforms": "random crop (zero padding) + horizontal flip, batched on device",
             "eval_transforms": "none (32x32 input), normalized by the training-set mean and std",
             "label": f"{self.norm} + {self.optimizer}",
-        } | self._two_pass_protocol()
+        } | self._two_pass_protocol() | self._variant_protocol()
+
+    def _variant_protocol(self) -> dict[str, Any]:
+        s, out = self.settings, {}
+        if s.get("variant"):
+            out["label"] = f"{self.norm} + {self.optimizer} ({s['variant']})"
+        if s.get("label_noise"):
+            noise = s["label_noise"]
+            out["label_noise"] = (
+                f"{noise['type']} noise on {100 * noise['rate']:g}% of the training labels "
+                f"(noise seed {noise['seed']}, fixed for every run); test labels clean"
+            )
+        if s.get("lr_scaling"):
+            base = s["lr_scaling"]["base_batch_size"]
+            out["batch_size"] = (
+                f"batch {s['batch_size']}, learning rate scaled linearly: lr * "
+                f"{s['batch_size']} / {base} (the budget's batch size)"
+            )
+        return out
 
     def _two_pass_protocol(self) -> dict[str, Any]:
         if not OPTIMIZERS.info(self.optimizer).has(TWO_PASS):
@@ -704,7 +758,7 @@ def plan(
         settings = b.model_dump(exclude={"optimizers", "seeds"})
         if dataset in CORRUPTED_DATASETS.get(suite.spec.corruption_set, ()):
             settings["corruption_set"] = suite.spec.corruption_set
-        variants = [settings]
+        variants = _variants(b, settings, dataset)
     return [
         RunSpec(
             suite=suite.name,
@@ -716,13 +770,56 @@ def plan(
             optimizer=opt,
             seed=seed,
             settings=settings,
-            hparams=dict(b.optimizers[opt]),
+            hparams=_scaled_lr(dict(b.optimizers[opt]), settings),
         )
         for norm in norms
         for settings in variants
         for opt in optimizers
         for seed in seeds
     ]
+
+
+def _variants(b: Budget, settings: dict[str, Any], dataset: str) -> list[dict[str, Any]]:
+    """The settings of each variant of a classify budget: one per label-noise entry x batch size
+    (either list may be empty), each labelled ``settings["variant"]``; just ``settings`` when
+    the budget sweeps nothing. A variant's settings hold its own noise entry and batch size
+    only, so adding an entry to a list never changes the run keys of the others."""
+    for noise in b.label_noise:
+        if noise.type == "asymmetric" and dataset != "cifar10":
+            raise NormbenchError(
+                f"Asymmetric label noise flips CIFAR-10's similar classes (truck -> automobile, "
+                f"bird -> airplane, cat <-> dog, deer -> horse); dataset {dataset!r} has no such "
+                "map. Use symmetric noise there."
+            )
+    if not b.label_noise and not b.batch_sizes:
+        return [settings]
+    noises = [(n.label, n.model_dump()) for n in b.label_noise] or [None]
+    sizes = list(b.batch_sizes) or [None]
+    variants = []
+    for noise in noises:
+        for size in sizes:
+            v = {**settings, "label_noise": [], "batch_sizes": []}
+            labels = []
+            if noise is not None:
+                labels.append(noise[0])
+                v["label_noise"] = noise[1]
+            if size is not None:
+                labels.append(f"batch {size}")
+                v["batch_size"] = size
+                # Linear scaling (Goyal et al. 2017): the lr stays per image as at batch_size.
+                v["lr_scaling"] = {"base_batch_size": b.batch_size, "factor": size / b.batch_size}
+            v["variant"] = ", ".join(labels)
+            variants.append(v)
+    return variants
+
+
+def _scaled_lr(hparams: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` with the learning rate a batch-size variant trains with (lr * size / the
+    budget's batch size); unchanged for other runs."""
+    scaling = settings.get("lr_scaling")
+    if scaling is None:
+        return hparams
+    return {**hparams, "lr": hparams["lr"] * scaling["factor"]}
 
 
 def _plan_gan(
