@@ -737,10 +737,21 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
     # Only a suite that sweeps a setting within a pair (label noise, batch size) has variants.
     if "variant" in table and (table["variant"].fillna("") != "").any():
         columns.append(("variant", lambda r: r["variant"]))
+    # Test-time adaptation: each method's accuracies beside the plain ones, when runs have them.
+    adapted = [
+        (label, metric, overall)
+        for label, metric, overall in (
+            ("BN-adapt", M.ACCURACY_BN_ADAPT, "corruption_accuracy_bn_adapt"),
+            ("TENT", M.ACCURACY_TENT, "corruption_accuracy_tent"),
+        )
+        if f"{metric}_mean" in table and table[f"{metric}_mean"].notna().any()
+    ]
     if robustness:
         columns += [
             ("corruption acc % [95% CI]", ranked("corruption_accuracy")),
+            *[(f"{label} corr. acc %", mean_std(o)) for label, _, o in adapted],
             ("clean acc %", mean_std(M.ACCURACY)),
+            *[(f"{label} clean acc %", mean_std(m)) for label, m, _ in adapted],
             ("mCE", lambda r: _num(r.get("mce_mean"), "{:.1f}")),
             ("rel. mCE", lambda r: _num(r.get("relative_mce_mean"), "{:.1f}")),
             ("worst corruption (acc %)", worst),
@@ -748,6 +759,7 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
     else:
         columns += [
             ("accuracy % [95% CI]", ranked(M.ACCURACY)),
+            *[(f"{label} accuracy %", mean_std(m)) for label, m, _ in adapted],
             ("ECE", lambda r: _num(r.get(f"{M.ECE}_mean"), "{:.3f}")),
         ]
     # Boards of suites with the adversarial option: accuracy on the attacked subset.
@@ -809,6 +821,13 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
             " FGSM / PGD acc: accuracy under white-box L-infinity attacks in pixel space on a "
             "fixed subset of the test images (its clean accuracy beside them; eps, steps and "
             "subset size are in each run's info); a cheap indicator, not an AutoAttack evaluation."
+        )
+    if adapted:
+        caption += (
+            " BN-adapt / TENT: the same test images with the norms adapted at test time, each "
+            "batch normalized with its own statistics (TENT also takes an entropy-minimising "
+            "step on the norms' affine parameters per batch, reset for each corruption and "
+            "severity); plain accuracy and mCE are without adaptation."
         )
     t = Table(title=title, caption=caption)
     for header, _ in columns:

@@ -25,7 +25,14 @@ from sqlalchemy import Engine, func, select
 
 from normbench import metrics as M
 from normbench.corruptions import BENCHMARK
-from normbench.robustness import CORRUPTION_ACCURACY, EXTRA_ACCURACY, MCE, RELATIVE_MCE
+from normbench.robustness import (
+    CORRUPTION_ACCURACY,
+    CORRUPTION_ACCURACY_BN_ADAPT,
+    CORRUPTION_ACCURACY_TENT,
+    EXTRA_ACCURACY,
+    MCE,
+    RELATIVE_MCE,
+)
 from normbench.stats import TIE_TEST, board_ties, mean_ci
 from normbench.store.models import Metric, Run, RunStatus
 
@@ -42,6 +49,9 @@ SUMMARY_METRICS = (
     M.LANDSCAPE_LOSS_RANGE_MEAN, M.LANDSCAPE_GRAD_PRED_MEAN, M.LANDSCAPE_BETA_MEAN,
     M.ICS_L2_MEAN, M.ICS_COSINE_MEAN,
     M.ADV_CLEAN_ACCURACY, M.FGSM_ACCURACY, M.PGD_ACCURACY,
+    # test-time adaptation: clean and mean benchmark corruption accuracy, adapted
+    M.ACCURACY_BN_ADAPT, M.ACCURACY_TENT, CORRUPTION_ACCURACY_BN_ADAPT, CORRUPTION_ACCURACY_TENT,
+    M.LABEL_NOISE_RATE_ACTUAL,  # label-noise variants: the fraction of training labels flipped
 )  # fmt: skip
 #: The whole-model summaries of the initialization probes, as the probe board shows them.
 PROBE_SUMMARIES = (
@@ -445,4 +455,84 @@ def gan_board(engine: Engine, suite: str, budget: str, *, protocol_version: int)
     table = table.sort_values(["score_group", fid], na_position="last").reset_index(drop=True)
     table.insert(0, "rank", table.groupby("score_group")[fid].rank(method="first"))
     table.loc[table[fid].isna(), "rank"] = pd.NA
+    return table
+
+
+def batch_size_accuracy(
+    engine: Engine, suite: str, budget: str, *, protocol_version: int
+) -> pd.DataFrame:
+    """Test accuracy per norm, optimizer, other variant (a label-noise setting crossed with the
+    batch sizes; "" otherwise) and training batch size (the run's own, from its settings): one
+    row each with ``mean``/``std``/``n`` over finished seeds, ``runs`` and ``status``."""
+    sel = Selection(suite, budget, protocol_version=protocol_version)
+    keys = ["norm", "optimizer", "variant", "batch_size"]
+    with engine.connect() as conn:
+        query = select(Run.id, Run.norm, Run.optimizer, Run.variant, Run.status, Run.config)
+        runs = pd.DataFrame(
+            conn.execute(query.where(*sel.runs())).all(),
+            columns=["run_id", "norm", "optimizer", "variant", "status", "config"],
+        )
+        values = conn.execute(
+            select(Metric.run_id, Metric.value)
+            .join(Run, Run.id == Metric.run_id)
+            .where(
+                *sel.finished_runs(),
+                Metric.name == M.ACCURACY,
+                Metric.split == "test",
+                Metric.corruption == "",
+                Metric.severity == 0,
+                Metric.layer == -1,
+                Metric.step == -1,
+            )
+        )
+        values = pd.DataFrame(values.all(), columns=["run_id", "value"])
+    if runs.empty:
+        return pd.DataFrame(columns=[*keys, "mean", "std", "n", "runs", "status"])
+    runs["batch_size"] = [int((c or {}).get("settings", {})["batch_size"]) for c in runs.config]
+    # The batch size has its own column: what is left of the variant is any other setting.
+    runs["variant"] = [
+        ", ".join(p for p in v.split(", ") if p and not p.startswith("batch "))
+        for v in runs.variant
+    ]
+    counts = _run_counts(runs, keys)
+    stats = (
+        values.merge(runs[["run_id", *keys]], on="run_id")
+        .groupby(keys)
+        .value.agg(mean="mean", std="std", n="count")
+        .reset_index()
+    )
+    table = counts.merge(stats, on=keys, how="left")
+    table["n"] = table["n"].fillna(0).astype(int)
+    return table.sort_values(keys).reset_index(drop=True)
+
+
+def batch_size_board(
+    engine: Engine, suite: str, budget: str, protocol_version: int
+) -> pd.DataFrame:
+    """A batch-size sweep: one row per norm x optimizer (x other variant), one column of mean
+    test accuracy per training batch size (``batch 8``, its standard deviation over seeds in
+    ``batch 8 std``), ``worst`` (the lowest of them), ``spread`` (highest - lowest), ``n`` (the
+    fewest finished seeds behind a column), ``runs`` and ``status``; ranked by ``worst``."""
+    long = batch_size_accuracy(engine, suite, budget, protocol_version=protocol_version)
+    if long.empty:
+        return pd.DataFrame()
+    pair = ["norm", "optimizer", "variant"]
+    sizes = sorted(long.batch_size.unique())
+    table = long.groupby(pair).agg(runs=("runs", "sum"), n=("n", "min")).reset_index()
+    table["status"] = [
+        ", ".join(f"batch {b}: {st}" for b, st in zip(g.batch_size, g.status, strict=True))
+        for _, g in long.groupby(pair)
+    ]
+    for size in sizes:
+        at = long[long.batch_size == size].set_index(pair)
+        index = table.set_index(pair).index
+        table[f"batch {size}"] = at["mean"].reindex(index).to_numpy()
+        table[f"batch {size} std"] = at["std"].reindex(index).to_numpy()
+    means = table[[f"batch {size}" for size in sizes]]
+    # A row missing a batch size (no finished run there yet) has no worst case and no rank.
+    low, high = means.min(axis=1, skipna=False), means.max(axis=1, skipna=False)
+    table["worst"], table["spread"] = low, high - low
+    table = table.sort_values("worst", ascending=False, na_position="last").reset_index(drop=True)
+    table.insert(0, "rank", range(1, len(table) + 1))
+    table.loc[table["worst"].isna(), "rank"] = pd.NA
     return table

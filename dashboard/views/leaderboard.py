@@ -11,7 +11,7 @@ from dashboard import common
 from dashboard import data as D
 from dashboard.data import RANKINGS
 from normbench import metrics as M
-from normbench.leaderboard import Selection
+from normbench.leaderboard import Selection, tie_legend
 
 MEDALS = {1: "🥇", 2: "🥈", 3: "🥉"}
 
@@ -178,6 +178,18 @@ if two_pass.notna().any():
 view["own images/s"] = table.train_images_per_s_mean
 view["params vs BN"] = table.param_overhead
 view["seeds"] = table.n
+# The ranked metric's 95% interval over seeds and the tie tests against the row above
+# (normbench.stats); a board ranked by speed has neither: the tests compare the ranked metric.
+ranked_metric = RANKINGS[ranking][0].removesuffix("_mean")
+if f"{ranked_metric}_ci_low" in table:
+    scale = 100.0 if ranked_metric.endswith("accuracy") else 1.0
+    header = {"accuracy": "clean acc %", "corruption_accuracy": "corruption acc %",
+              "mce": "mCE", "relative_mce": "rel. mCE"}.get(ranked_metric)  # fmt: skip
+    at = view.columns.get_loc(header) + 1 if header in view else len(view.columns)
+    view.insert(at, "95% CI low", table[f"{ranked_metric}_ci_low"] * scale)
+    view.insert(at + 1, "95% CI high", table[f"{ranked_metric}_ci_high"] * scale)
+    view["rank"] += table.tied.fillna(False).map({True: " =", False: ""})
+    st.caption(tie_legend(table) + " 95% CI: Student-t interval of the mean over seeds.")
 view["runs"] = table.status
 st.dataframe(
     view,
@@ -211,6 +223,10 @@ st.dataframe(
         ),
         "params vs BN": st.column_config.NumberColumn(format="percent"),
         "seeds": st.column_config.NumberColumn(help="finished seeds behind the mean"),
+        "95% CI low": st.column_config.NumberColumn(
+            format="%.2f", help="Ranked metric: 95% Student-t interval over seeds (none with one)."
+        ),
+        "95% CI high": st.column_config.NumberColumn(format="%.2f"),
     },
 )
 st.download_button(
