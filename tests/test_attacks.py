@@ -274,6 +274,23 @@ def test_suite_refuses_bad_adversarial_settings(tmp_path):
             load_suite_file(path)
 
 
+def test_builtin_adversarial_suite_follows_the_papers_protocol():
+    """eps 8/255 everywhere; PGD-20 with step 2/255 and a random start on 1,000 (cpu) and all
+    10,000 (full) test images; the four norms with SGD, fp32 on CPU cores."""
+    from normbench.suites import load_suite, plan
+
+    suite = load_suite("adversarial")
+    for budget, images, steps in (("smoke", 100, 5), ("cpu", 1000, 20), ("full", 10000, 20)):
+        specs = plan(suite, budget)
+        assert {s.norm for s in specs} == {"batchnorm", "groupnorm", "layernorm", "convnorm"}
+        assert {s.optimizer for s in specs} == {"sgd"}
+        options = specs[0].settings["adversarial"]
+        assert options == {"subset": images, "eps": EPS, "step_size": STEP, "steps": steps,
+                           "random_start": True, "batch_size": 500}  # fmt: skip
+    cpu = plan(suite, "cpu")[0].settings
+    assert cpu["precision"] == "fp32" and cpu["model_args"] == {"widths": [16, 32, 64, 128]}
+
+
 @pytest.fixture(scope="module")
 def adversarial_db(tmp_path_factory, session_cache):
     """A results database written by a real CLI run of a seconds-long suite with the adversarial
