@@ -574,11 +574,18 @@ def leaderboard(
 ) -> None:
     """Rank the norm x optimizer pairs of a suite (mean ± std over seeds), read-only.
 
-    A probe suite shows, per model and norm, the probes' whole-model summaries instead.
+    A probe suite shows, per model and norm, the probes' whole-model summaries instead; a
+    suite that sweeps batch sizes, each pair's accuracy per batch size.
     Only the suite's current protocol version; runs of other versions are counted, never mixed.
     """
     from normbench import metrics as M
-    from normbench.leaderboard import gan_board, kept_apart_note, probe_board, protocol_versions
+    from normbench.leaderboard import (
+        batch_size_board,
+        gan_board,
+        kept_apart_note,
+        probe_board,
+        protocol_versions,
+    )
     from normbench.leaderboard import leaderboard as query
     from normbench.store import open_store
     from normbench.suites import default_budget, load_suite
@@ -595,6 +602,8 @@ def leaderboard(
         table = probe_board(store.engine, s.name, budget_name, protocol_version=version, step=step)
     elif s.spec.task == "gan":
         table = gan_board(store.engine, s.name, budget_name, protocol_version=version)
+    elif batch_sweep := bool(getattr(s.spec.budgets.get(budget_name), "batch_sizes", None)):
+        table = batch_size_board(store.engine, s.name, budget_name, version)
     else:
         table = query(store.engine, s.name, budget_name, rank_by=rank_by, protocol_version=version)
     note = kept_apart_note(protocol_versions(store.engine, s.name, budget_name), version)
@@ -623,7 +632,46 @@ def leaderboard(
         for group, rows in table.groupby(table.get("score_group", "").fillna(""), sort=False):
             out.print(_gan_table(rows, f"{title}{_score_group_title(group)}"))
         return
+    if batch_sweep:
+        out.print(_batch_size_table(table, f"{title}, test accuracy % by training batch size"))
+        return
     out.print(_leaderboard_table(table, title, robustness))
+
+
+def _batch_size_table(table, title: str) -> Table:
+    """The batch-size board: per pair, test accuracy at each batch size (mean ± std over seeds),
+    ranked by the worst of them."""
+    sizes = [c for c in table if c.startswith("batch ") and not c.endswith(" std")]
+
+    def accuracy(column: str):
+        return lambda r: _pct(r.get(column), r.get(f"{column} std"))
+
+    columns = [
+        ("#", lambda r: _num(r.get("rank"), "{:.0f}")),
+        ("norm", lambda r: r["norm"]),
+        ("optimizer", lambda r: r["optimizer"]),
+    ]
+    if (table["variant"].fillna("") != "").any():
+        columns.append(("variant", lambda r: r["variant"]))
+    columns += [(size, accuracy(size)) for size in sizes]
+    columns += [
+        ("worst %", lambda r: _pct(r.get("worst"), None)),
+        ("spread (points)", lambda r: _num(_scaled(r.get("spread")), "{:.1f}")),
+        ("n", lambda r: str(r["n"])),
+    ]
+    t = _rows_table(table, title, columns)
+    t.caption = (
+        "Each batch size trains with the learning rate scaled linearly (lr x size / the budget's "
+        "batch size) and is evaluated in eval mode (BatchNorm with its running statistics). "
+        "worst: the lowest accuracy over the batch sizes; spread: highest - lowest; n: the fewest "
+        "finished seeds behind a column."
+    )
+    return t
+
+
+def _scaled(value, factor: float = 100.0):
+    """``value`` times ``factor``, or ``value`` itself when it is missing."""
+    return value if _missing(value) else value * factor
 
 
 def _score_group_title(group: str) -> str:
@@ -737,7 +785,8 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
     # Only a suite that sweeps a setting within a pair (label noise, batch size) has variants.
     if "variant" in table and (table["variant"].fillna("") != "").any():
         columns.append(("variant", lambda r: r["variant"]))
-    # Test-time adaptation: each method's accuracies beside the plain ones, when runs have them.
+    # Test-time adaptation: each method's accuracy beside the plain one, when runs have them (a
+    # robustness board shows the corruption accuracies; the clean ones are in --format json).
     adapted = [
         (label, metric, overall)
         for label, metric, overall in (
@@ -751,7 +800,6 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
             ("corruption acc % [95% CI]", ranked("corruption_accuracy")),
             *[(f"{label} corr. acc %", mean_std(o)) for label, _, o in adapted],
             ("clean acc %", mean_std(M.ACCURACY)),
-            *[(f"{label} clean acc %", mean_std(m)) for label, m, _ in adapted],
             ("mCE", lambda r: _num(r.get("mce_mean"), "{:.1f}")),
             ("rel. mCE", lambda r: _num(r.get("relative_mce_mean"), "{:.1f}")),
             ("worst corruption (acc %)", worst),

@@ -533,6 +533,6 @@ def batch_size_board(
     low, high = means.min(axis=1, skipna=False), means.max(axis=1, skipna=False)
     table["worst"], table["spread"] = low, high - low
     table = table.sort_values("worst", ascending=False, na_position="last").reset_index(drop=True)
-    table.insert(0, "rank", range(1, len(table) + 1))
+    table.insert(0, "rank", pd.array(range(1, len(table) + 1), dtype="Int64"))
     table.loc[table["worst"].isna(), "rank"] = pd.NA
     return table
