@@ -130,7 +130,24 @@ def kept_apart() -> str | None:
 
 
 def pair_label(df: pd.DataFrame) -> pd.Series:
-    return df.norm + " + " + df.optimizer
+    """``norm + optimizer``, with the variant in parentheses where a suite sweeps one."""
+    label = df.norm + " + " + df.optimizer
+    if "variant" in df:
+        variant = df.variant.fillna("")
+        label = label + variant.map(lambda v: f" ({v})" if v else "")
+    return label
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def batch_size_accuracy(url: str, sel: Selection) -> pd.DataFrame:
+    """Test accuracy per norm, optimizer, other variant and training batch size (see
+    ``normbench.leaderboard.batch_size_accuracy``), for the sidebar's optimizers."""
+    from normbench.leaderboard import batch_size_accuracy as query
+
+    table = query(engine(url), sel.suite, sel.budget, protocol_version=sel.protocol_version)
+    if sel.optimizers:
+        table = table[table.optimizer.isin(sel.optimizers)]
+    return table.reset_index(drop=True)
 
 
 @st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)

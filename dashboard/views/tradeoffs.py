@@ -1,5 +1,5 @@
-"""Trade-offs: clean vs corruption accuracy, accuracy vs speed (Pareto front), accuracy vs
-parameter overhead."""
+"""Trade-offs: accuracy vs training batch size (suites that sweep it), clean vs corruption
+accuracy, accuracy vs speed (Pareto front), accuracy vs parameter overhead."""
 
 from __future__ import annotations
 
@@ -20,6 +20,37 @@ if table.empty:
 table["pair"] = common.pair_label(table)
 table["clean acc %"] = 100 * table.accuracy_mean
 tooltip = ["pair", alt.Tooltip("clean acc %:Q", format=".2f")]
+
+by_batch = common.batch_size_accuracy(url, sel)
+by_batch = by_batch[by_batch["mean"].notna()]
+if by_batch.batch_size.nunique() > 1:
+    st.subheader("Accuracy vs training batch size")
+    st.caption(
+        "Each batch size trained with the learning rate scaled linearly (lr x size / the budget's "
+        "batch size), evaluated in eval mode: BatchNorm uses the running statistics it gathered "
+        "from its training batches, which at very small batches no longer match. Mean over "
+        "finished seeds; the batch size on a log2 axis."
+    )
+    by_batch = by_batch.assign(
+        **{"accuracy %": 100 * by_batch["mean"], "line": common.pair_label(by_batch)}
+    )
+    # One line per norm; the pair (and any other variant) only where there is more than one.
+    color = "norm:N" if by_batch.line.nunique() == by_batch.norm.nunique() else "line:N"
+    sizes = sorted(int(b) for b in by_batch.batch_size.unique())
+    st.altair_chart(
+        alt.Chart(by_batch, title="Test accuracy vs batch size")
+        .mark_line(point=True)
+        .encode(
+            x=alt.X(
+                "batch_size:Q", title="training batch size",
+                scale=alt.Scale(type="log", base=2), axis=alt.Axis(values=sizes),
+            ),
+            y=alt.Y("accuracy %:Q", title="test accuracy %", scale=alt.Scale(zero=False)),
+            color=alt.Color(color, title="norm"),
+            tooltip=["line", "batch_size:Q", alt.Tooltip("accuracy %:Q", format=".2f"), "n:Q"],
+        ),  # fmt: skip
+        width="stretch",
+    )
 
 
 def scatter(data, x: str, y: str, x_title: str, extra_tooltip=(), **encode):
