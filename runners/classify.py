@@ -10,6 +10,10 @@ With the budget's ``landscape`` option, the loss-landscape and internal covariat
 before that step's update. They leave the model and the random stream as they were, so the run
 trains exactly as it would without them; their time is left out of the training time and
 throughput and reported on its own.
+
+With the budget's ``adaptation`` option, the trained model is also evaluated with its norms
+adapted at test time (``normbench.adaptation``: BN adaptation, TENT) on the clean test set and
+each (corruption, severity), under metric names of its own.
 """
 
 from __future__ import annotations
