@@ -4,8 +4,10 @@ left while it runs.
 A run's cost is its work divided by this machine's rates (``run_breakdown``): training images
 (epochs x the images of an epoch) at the training rate; the clean test set after every epoch
 and, for a suite with a corruption set, 19 corruptions x 5 severities x the images per pair, at
-the inference rate; and the end-of-run speed check (``speed_pairs`` interleaved pairs of
-repetitions of training steps, see ``normbench.normspeed``). The rates come from earlier
+the inference rate (once more, or with a backward pass, for test-time adaptation); an
+adversarial evaluation's attack steps at the training rate; and the end-of-run speed check
+(``speed_pairs`` interleaved pairs of repetitions of training steps, see
+``normbench.normspeed``). The rates come from earlier
 finished runs with the same settings on the same device (``from_history``: their own training
 and evaluation throughput, and whatever else their wall time held), else from timing a few
 training steps and inference batches of the budget's model with the run's norm
@@ -107,6 +109,27 @@ def corruption_images(spec: RunSpec, test_size: int) -> int:
     return len(CORRUPTIONS_ALL) * len(SEVERITIES) * per_pair
 
 
+def adversarial_work(spec: RunSpec, test_size: int) -> tuple[int, int]:
+    """An adversarial evaluation's work: images through a forward and backward pass (the FGSM
+    step and each PGD step, at about the training rate) and images only evaluated (clean, FGSM
+    and PGD accuracy)."""
+    a = spec.settings.get("adversarial")
+    if not a:
+        return 0, 0
+    n = min(a["subset"], test_size) if a["subset"] else test_size
+    return n * (1 + a["steps"]), 3 * n
+
+
+def adaptation_work(spec: RunSpec, test_size: int) -> tuple[int, int]:
+    """Test-time adaptation's work over the clean test set and every corrupted pair: BN
+    adaptation evaluates each image once more; TENT adds a forward and backward pass per image."""
+    a = spec.settings.get("adaptation")
+    if not a:
+        return 0, 0
+    images = test_images(spec, test_size) + corruption_images(spec, test_size)
+    return images * ("tent" in a["methods"]), images * ("bn" in a["methods"])
+
+
 def speed_check_seconds(pairs: int, step_seconds: float) -> float:
     """The end-of-run speed check (``normspeed.side_by_side``): per model a warm-up step and a
     sizing step, then ``pairs`` pairs of repetitions each of enough steps to last
@@ -154,12 +177,17 @@ def run_breakdown(
     epochs = max(s["epochs"] - epochs_done, 0)
     steps_per_epoch = train_images_per_epoch(spec, train_size) // s["batch_size"]
     probe_passes = landscape_passes(spec, epochs * steps_per_epoch)
+    attacked, attack_evaluated = adversarial_work(spec, test_size)
+    adapt_trained, adapt_evaluated = adaptation_work(spec, test_size)
     return Breakdown(
         train=epochs * train_images_per_epoch(spec, train_size) / rates.train,
         evaluation=epochs * test_images(spec, test_size) / rates.evaluation,
-        corruptions=corruption_images(spec, test_size) / rates.evaluation,
+        corruptions=(corruption_images(spec, test_size) + adapt_evaluated) / rates.evaluation
+        + adapt_trained / rates.train,
         speed_check=speed_check_seconds(s["speed_pairs"], s["batch_size"] / rates.train),
-        other=rates.other + probe_passes * s["batch_size"] / rates.train,
+        other=rates.other
+        + (probe_passes * s["batch_size"] + attacked) / rates.train
+        + attack_evaluated / rates.evaluation,
     )
 
 

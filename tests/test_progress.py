@@ -65,6 +65,27 @@ def test_run_breakdown_counts_training_evaluation_corruptions_and_the_speed_chec
     assert with_other.total == pytest.approx(b.total + 3.0)
 
 
+def test_attacks_and_test_time_adaptation_are_counted():
+    """PGD-k and FGSM are forward and backward passes over the attacked subset, at about the
+    training rate, plus three evaluations of it; BN adaptation evaluates the clean and corrupted
+    images once more, TENT adds a forward and backward pass for each."""
+    rates = Rates(train=1000.0, evaluation=5000.0)
+    attacked = smoke_spec(suite="adversarial")  # 100 images, PGD-5
+    a = attacked.settings["adversarial"]
+    plain = dataclasses.replace(attacked, settings={**attacked.settings, "adversarial": None})
+    extra = estimate.run_breakdown(attacked, rates, 50_000, 10_000).total
+    extra -= estimate.run_breakdown(plain, rates, 50_000, 10_000).total
+    n = a["subset"]
+    assert extra == pytest.approx(n * (1 + a["steps"]) / 1000 + 3 * n / 5000)
+
+    tta = smoke_spec(suite="cifar-c-tta")  # bn and tent
+    assert set(tta.settings["adaptation"]["methods"]) == {"bn", "tent"}
+    images = estimate.test_images(tta, 10_000) + estimate.corruption_images(tta, 10_000)
+    bare = dataclasses.replace(tta, settings={**tta.settings, "adaptation": None})
+    b, b0 = (estimate.run_breakdown(s, rates, 50_000, 10_000) for s in (tta, bare))
+    assert b.corruptions - b0.corruptions == pytest.approx(images / 5000 + images / 1000)
+
+
 def test_work_follows_the_budget():
     cpu = smoke_spec(budget="cpu")  # full training set at batch 256, last batch dropped
     assert estimate.train_images_per_epoch(cpu, 50_000) == 50_000 // 256 * 256
