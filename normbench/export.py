@@ -40,7 +40,7 @@ from normbench.leaderboard import (
     leaderboard,
     protocol_versions,
 )
-from normbench.robustness import CORRUPTION_ACCURACY, MCE, RELATIVE_MCE
+from normbench.robustness import CORRUPTION_ACCURACY, EXTRA_ACCURACY, MCE, RELATIVE_MCE
 from normbench.stats import ALPHA, TIE_TEST
 from normbench.store.models import Metric, Run
 from normbench.suites import Suite
@@ -54,6 +54,7 @@ DAGGER_TEX, DAGGER = r"$^{\dagger}$", "†"
 DISPLAY = {
     M.ACCURACY: ("clean acc. %", 100.0, 2),
     CORRUPTION_ACCURACY: ("corruption acc. %", 100.0, 2),
+    EXTRA_ACCURACY: ("extra corr. acc. %", 100.0, 2),
     MCE: ("mCE", 1.0, 1),
     RELATIVE_MCE: ("rel. mCE", 1.0, 1),
     M.ECE: ("ECE", 1.0, 3),
