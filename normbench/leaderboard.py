@@ -486,9 +486,11 @@ def batch_size_accuracy(
             )
         )
         values = pd.DataFrame(values.all(), columns=["run_id", "value"])
+    runs["batch_size"] = [(c or {}).get("settings", {}).get("batch_size") for c in runs.config]
+    runs = runs[runs.batch_size.notna()].copy()  # a run without a batch size cannot be placed
     if runs.empty:
         return pd.DataFrame(columns=[*keys, "mean", "std", "n", "runs", "status"])
-    runs["batch_size"] = [int((c or {}).get("settings", {})["batch_size"]) for c in runs.config]
+    runs["batch_size"] = runs.batch_size.astype(int)
     # The batch size has its own column: what is left of the variant is any other setting.
     runs["variant"] = [
         ", ".join(p for p in v.split(", ") if p and not p.startswith("batch "))
