@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import skip_or_fail
 from helpers import invoke
 
 from normbench.corruptions import BENCHMARK
@@ -190,7 +191,7 @@ def test_export_of_an_empty_database_exits_2(tmp_path):
 
 def test_the_exported_latex_compiles(board_db, tmp_path):
     if shutil.which("pdflatex") is None:
-        pytest.skip("pdflatex not on PATH (apt-get install texlive-latex-recommended)")
+        skip_or_fail("pdflatex not on PATH (apt-get install texlive-latex-recommended)")
     result = invoke("export", "--suite=cifar10", "--budget=smoke", f"--db={board_db}",
                     "--format=latex")  # fmt: skip
     assert result.exit_code == 0, result.output
