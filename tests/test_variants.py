@@ -124,39 +124,31 @@ def test_asymmetric_noise_on_another_dataset_is_refused_by_the_plan(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("old", "new", "says"),
+    ("text", "old", "new", "says"),
     [
-        ('{ type = "symmetric", rate = 0.4 },', '{ type = "symmetric", rate = 1.0 },',
+        (LABEL_NOISE_TEXT, '{ type = "symmetric", rate = 0.4 },',
+         '{ type = "symmetric", rate = 1.0 },',
          "budgets.smoke.label_noise.0.rate: Input should be less than 1"),
-        ('{ type = "symmetric", rate = 0.4 },', '{ type = "symmetric", rate = -0.1 },',
+        (LABEL_NOISE_TEXT, '{ type = "symmetric", rate = 0.4 },',
+         '{ type = "symmetric", rate = -0.1 },',
          "budgets.smoke.label_noise.0.rate: Input should be greater than or equal to 0"),
-        ('{ type = "asymmetric", rate = 0.4 },', '{ type = "pairflip", rate = 0.4 },',
+        (LABEL_NOISE_TEXT, '{ type = "asymmetric", rate = 0.4 },',
+         '{ type = "pairflip", rate = 0.4 },',
          "budgets.smoke.label_noise.1.type: Input should be 'symmetric' or 'asymmetric'"),
-        ('{ type = "asymmetric", rate = 0.4 },', '{ type = "symmetric", rate = 0.4 },',
+        (LABEL_NOISE_TEXT, '{ type = "asymmetric", rate = 0.4 },',
+         '{ type = "symmetric", rate = 0.4 },',
          "budgets.smoke.label_noise: symmetric 40% is listed twice"),
-    ],
-)  # fmt: skip
-def test_bad_label_noise_in_a_suite_file_is_exit_2_naming_file_and_key(tmp_path, old, new, says):
-    assert old in LABEL_NOISE_TEXT
-    path = write(tmp_path, LABEL_NOISE_TEXT.replace(old, new, 1))
-    result = invoke("run", "--suite", str(path), "--budget", "smoke")
-    assert result.exit_code == 2, result.output
-    text = flat(result.output)
-    assert str(path) in text and says in text
-
-
-@pytest.mark.parametrize(
-    ("old", "new", "says"),
-    [
-        ("batch_sizes = [2, 8, 32]", "batch_sizes = [1, 8]",
+        (BATCH_SIZE_TEXT, "batch_sizes = [2, 8, 32]", "batch_sizes = [1, 8]",
          "budgets.smoke.batch_sizes.0: Input should be greater than or equal to 2"),
-        ("batch_sizes = [2, 8, 32]", "batch_sizes = [2, 8, 2]",
+        (BATCH_SIZE_TEXT, "batch_sizes = [2, 8, 32]", "batch_sizes = [2, 8, 2]",
          "budgets.smoke.batch_sizes: 2 is listed twice"),
     ],
 )  # fmt: skip
-def test_bad_batch_sizes_in_a_suite_file_are_exit_2_naming_file_and_key(tmp_path, old, new, says):
-    assert old in BATCH_SIZE_TEXT
-    path = write(tmp_path, BATCH_SIZE_TEXT.replace(old, new, 1))
+def test_bad_label_noise_or_batch_sizes_in_a_suite_file_are_exit_2_naming_file_and_key(
+    tmp_path, text, old, new, says
+):
+    assert old in text
+    path = write(tmp_path, text.replace(old, new, 1))
     result = invoke("run", "--suite", str(path), "--budget", "smoke")
     assert result.exit_code == 2, result.output
     text = flat(result.output)
