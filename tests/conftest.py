@@ -77,24 +77,30 @@ def cifar_dir(monkeypatch) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def cifar_c_smoke_db(tmp_path_factory, session_cache) -> Path:
-    """A results database written by a real ``cifar-c`` smoke run of batchnorm and layernorm with
-    SGD, made once per session and shared read-only by the tests that inspect one."""
+def smoke_db(tmp_path_factory, session_cache: Path, suite: str, norms: str) -> Path:
+    """A results database written by a real smoke run of ``suite`` (``norms`` with SGD, seed 0)
+    on the shared CIFAR-10 data, with the session's dataset cache."""
     data = shared_data_dir()
     if data is None:
         skip_or_fail(MISSING_CIFAR)
     from helpers import invoke
 
-    db = tmp_path_factory.mktemp("cifar-c-smoke") / "results.db"
+    db = tmp_path_factory.mktemp(f"{suite}-smoke") / "results.db"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NORMBENCH_CACHE_DIR", str(session_cache))
         result = invoke(
-            "run", "--suite=cifar-c", "--budget=smoke", "--norms=batchnorm,layernorm",
+            "run", f"--suite={suite}", "--budget=smoke", f"--norms={norms}",
             "--optimizers=sgd", "--seeds=0", f"--db={db}", f"--data-dir={data}",
         )  # fmt: skip
     assert result.exit_code == 0, result.output
     return db
+
+
+@pytest.fixture(scope="session")
+def cifar_c_smoke_db(tmp_path_factory, session_cache) -> Path:
+    """A results database written by a real ``cifar-c`` smoke run of batchnorm and layernorm with
+    SGD, made once per session and shared read-only by the tests that inspect one."""
+    return smoke_db(tmp_path_factory, session_cache, "cifar-c", "batchnorm,layernorm")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MISSING_CIFAR, REPO, shared_data_dir, skip_or_fail
+from conftest import MISSING_CIFAR, REPO, shared_data_dir, skip_or_fail, smoke_db
 from helpers import invoke, leaderboard_json
 
 from normbench.adaptation import (
@@ -217,18 +217,7 @@ def test_norms_without_batch_statistics_are_refused_with_the_reason(cifar_dir):
 @pytest.fixture(scope="module")
 def tta_smoke_db(tmp_path_factory, session_cache) -> Path:
     """A results database written by a real cifar-c-tta smoke run of batchnorm + SGD, seed 0."""
-    data = shared_data_dir()
-    if data is None:
-        skip_or_fail(MISSING_CIFAR)
-    db = tmp_path_factory.mktemp("tta-smoke") / "results.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NORMBENCH_CACHE_DIR", str(session_cache))
-        result = invoke(
-            "run", "--suite=cifar-c-tta", "--budget=smoke", "--norms=batchnorm",
-            "--optimizers=sgd", "--seeds=0", f"--db={db}", f"--data-dir={data}",
-        )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return db
+    return smoke_db(tmp_path_factory, session_cache, "cifar-c-tta", "batchnorm")
 
 
 def test_smoke_run_stores_plain_and_adapted_accuracies_side_by_side(tta_smoke_db):
