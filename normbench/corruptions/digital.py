@@ -4,12 +4,19 @@ Colour changes go through scikit-image's HSV conversion (as the reference does, 
 hue-0 convention for grey pixels); pixelate reproduces Pillow's BOX resampling (integer-rounded
 8-bit passes, horizontal then vertical); JPEG goes through libjpeg with its default 4:2:0 chroma
 subsampling, as Pillow does in the reference.
+
+JPEG codec: libjpeg on the CPU by default, also for a batch on a GPU (copied there and back), so
+every set has the reference's bytes. ``NORMBENCH_JPEG_CODEC=nvjpeg`` opts into torchvision's CUDA
+codec for batches on a CUDA device: faster there, but its bytes differ from libjpeg's by a few
+levels, so sets made with it say so (see :func:`jpeg_codec_on`).
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import logging
+import os
 import warnings
 
 import numpy as np
@@ -19,6 +26,12 @@ from PIL import Image
 from normbench.corruptions import UINT8, register_corruption
 from normbench.corruptions.ops import hsv_to_rgb, rgb_to_hsv, thread_pool
 from normbench.corruptions.rng import ImageRng
+from normbench.errors import NormbenchError
+
+JPEG_CODECS = ("libjpeg", "nvjpeg")
+JPEG_CODEC_VAR = "NORMBENCH_JPEG_CODEC"
+
+log = logging.getLogger(__name__)
 
 
 @register_corruption("brightness", family="weather", description="HSV value + c")
@@ -59,11 +72,19 @@ def pil_box_weights(in_size: int, out_size: int) -> torch.Tensor:
     return weights
 
 
+@functools.cache
+def _box_weights_on(
+    in_size: int, out_size: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    # one copy per device and dtype: a copy to a GPU per call would wait for its queued work
+    return pil_box_weights(in_size, out_size).to(device=device, dtype=dtype)
+
+
 def pil_box_resize(x255: torch.Tensor, size: int) -> torch.Tensor:
     """Resize (N,C,H,W) 8-bit values to ``size`` x ``size`` like ``Image.resize(.., BOX)``."""
     h, w = x255.shape[-2:]
-    cols = pil_box_weights(w, size).to(x255)
-    rows = pil_box_weights(h, size).to(x255)
+    cols = _box_weights_on(w, size, x255.device, x255.dtype)
+    rows = _box_weights_on(h, size, x255.device, x255.dtype)
     x255 = torch.floor(x255 @ cols.T + 0.5)  # horizontal pass, rounded to 8 bits
     return torch.floor(rows @ x255 + 0.5)  # then vertical
 
@@ -81,9 +102,69 @@ def pixelate(x: torch.Tensor, c: float, rng: ImageRng) -> torch.Tensor:
                      description="JPEG at quality q")  # fmt: skip
 def jpeg_compression(x: torch.Tensor, quality: int, rng: ImageRng) -> torch.Tensor:
     if x.dtype == torch.uint8:
-        return _jpeg_round_trip(x.cpu(), int(quality)).to(x.device)
-    images = torch.round(x * 255).to(torch.uint8).cpu()
-    return _jpeg_round_trip(images, int(quality)).to(x) / 255
+        return jpeg_round_trip(x, int(quality))
+    return jpeg_round_trip(torch.round(x * 255).to(torch.uint8), int(quality)).to(x) / 255
+
+
+def jpeg_codec() -> str:
+    """The chosen JPEG codec: ``NORMBENCH_JPEG_CODEC``, "libjpeg" (the default) or "nvjpeg"."""
+    codec = os.environ.get(JPEG_CODEC_VAR, "").strip().lower() or "libjpeg"
+    if codec not in JPEG_CODECS:
+        raise NormbenchError(
+            f"{JPEG_CODEC_VAR}={os.environ[JPEG_CODEC_VAR]!r} is not a JPEG codec; use one of "
+            f"{', '.join(JPEG_CODECS)} (libjpeg, the default, gives the reference's bytes)."
+        )
+    return codec
+
+
+def jpeg_codec_on(device: torch.device | str) -> str:
+    """The codec ``jpeg_compression`` uses for a batch on ``device``: "nvjpeg" when it is chosen,
+    the device is a CUDA one and the codec works there; "libjpeg" otherwise (with a warning, once
+    per device, when nvjpeg was chosen but cannot be used)."""
+    if jpeg_codec() != "nvjpeg":
+        return "libjpeg"
+    problem = _nvjpeg_problem(torch.device(device))
+    if problem is None:
+        return "nvjpeg"
+    _warn_once(f"{JPEG_CODEC_VAR}=nvjpeg, but {problem}; using libjpeg on the CPU instead.")
+    return "libjpeg"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+@functools.cache
+def _nvjpeg_problem(device: torch.device) -> str | None:
+    """Why torchvision's CUDA codec cannot round-trip images on ``device`` (None: it can)."""
+    if device.type != "cuda":
+        return f"the images are on {device}, not on a CUDA device"
+    try:
+        _nvjpeg_round_trip(torch.full((2, 3, 16, 16), 128, dtype=torch.uint8, device=device), 75)
+    except Exception as err:  # noqa: BLE001 - any failure of the codec means: fall back
+        return f"torchvision's CUDA JPEG codec failed on {device} ({type(err).__name__}: {err})"
+    return None
+
+
+def jpeg_round_trip(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """Encode and decode (N,3,H,W) uint8 images at ``quality`` with the codec of
+    :func:`jpeg_codec_on` for their device; the result is on the images' device."""
+    if jpeg_codec_on(images.device) == "nvjpeg":
+        return _nvjpeg_round_trip(images, quality)
+    return _jpeg_round_trip(images.cpu(), quality).to(images.device)
+
+
+def _nvjpeg_round_trip(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """torchvision's nvjpeg encoder and decoder on a CUDA batch. The encoded bytes come back
+    in one copy, since the decoder reads its input from host memory."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import decode_jpeg, encode_jpeg
+
+        encoded = encode_jpeg(list(images.contiguous()), quality=quality)
+        data = torch.cat(encoded).cpu().split([len(e) for e in encoded])
+        return torch.stack(decode_jpeg(list(data), device=images.device))
 
 
 def _jpeg_round_trip(images: torch.Tensor, quality: int) -> torch.Tensor:

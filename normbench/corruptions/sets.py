@@ -15,6 +15,11 @@ depend on the batch size or the device that made them.
 A budget may evaluate a fixed, seeded subset of the test images per (corruption, severity):
 official files are then indexed; a generated subset is cached in a directory of its own
 (``cifar10-c-subset<n>-seed<s>``) holding only those rows.
+
+A run on a GPU need not write the 950,000 images first: :func:`corruption_images` gives it a
+:class:`StreamedSet` there, which corrupts each (corruption, severity) on demand on the device
+from the test images held on it, and writes nothing. On the CPU the set is generated into the
+cache once and reused by later runs.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 
 from normbench import config, progress
 from normbench.corruptions import ALL, CORRUPTIONS, SEVERITIES, TABLE_VERSION, check, corrupt
+from normbench.corruptions.digital import jpeg_codec_on
 from normbench.data import ArrayDataset, load_cifar10, private_tmp, sha256_file, subset_indices
 from normbench.errors import DataError
 
@@ -42,6 +48,10 @@ ENGINE_VERSION = 3
 N_TEST = 10_000
 OFFICIAL_DIRS = ("CIFAR-10-C", "cifar10-c", "cifar10/CIFAR-10-C")
 GENERATION_BATCH = 1000
+#: Images a streamed set corrupts at a time on its device: large batches keep a GPU busy between
+#: the per-image random draws on the CPU; the float64 intermediates of 5,000 CIFAR images take a
+#: few GB at most. Random numbers are drawn per image, so the batch changes nothing in the bytes.
+STREAM_BATCH = 5000
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +102,90 @@ class CorruptedSet:
         return ArrayDataset(tensor, labels_t, classes, f"{self.source}:{path}")
 
 
+def _jpeg_note(codec: str) -> str:
+    """What a set's source adds when its JPEG images did not come from libjpeg."""
+    return "" if codec == "libjpeg" else f", jpeg_compression by {codec}"
+
+
+class StreamedSet:
+    """CIFAR-10-C made on demand on ``device``: :meth:`load` corrupts the evaluated test images
+    (held on the device from the first load) at one (corruption, severity) and returns them
+    there; nothing is written. The bytes are those a generated set of the same seed holds, when
+    the device computes as the CPU does (and libjpeg makes the JPEG images)."""
+
+    def __init__(
+        self,
+        test: ArrayDataset,
+        *,
+        seed: int = 0,
+        indices: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+        batch_size: int = STREAM_BATCH,
+    ) -> None:
+        self.device = torch.device(device)
+        self.seed, self.batch_size = seed, batch_size
+        images, labels = test.images, test.labels
+        if indices is not None:
+            images, labels = images[indices], labels[indices]
+        self._images, self._labels = images, labels  # moved to the device on the first load
+        # the images' test indices fix their random numbers; a list, read on the CPU
+        self.positions = list(range(len(labels))) if indices is None else indices.tolist()
+        self.classes = tuple(test.classes)
+        self.jpeg_codec = jpeg_codec_on(self.device)
+        self.manifest = {
+            "source": self.source,
+            "seed": seed,
+            "table_version": TABLE_VERSION,
+            "engine_version": ENGINE_VERSION,
+            "device": str(self.device),
+            "jpeg_codec": self.jpeg_codec,
+            "rows": len(labels),
+            "indices": None if indices is None else indices.tolist(),
+            "classes": list(self.classes),
+            "streamed": True,
+        }
+
+    root = None  # nothing on disk
+
+    @property
+    def source(self) -> str:
+        return (
+            f"normbench engine v{ENGINE_VERSION}, generated on {self.device}, streamed"
+            f"{_jpeg_note(self.jpeg_codec)}"
+        )
+
+    @property
+    def rows(self) -> int:
+        return len(self.positions)
+
+    @property
+    def indices(self) -> list[int] | None:
+        return self.manifest["indices"]
+
+    @property
+    def images_per_pair(self) -> int:
+        return self.rows
+
+    @property
+    def engine_version(self) -> int:
+        return ENGINE_VERSION
+
+    def load(self, name: str, severity: int) -> ArrayDataset:
+        """The evaluated test images of one (corruption, severity), (N,3,32,32) uint8 on the
+        device, corrupted now."""
+        check(name, severity)
+        if self._images.device != self.device:
+            self._images = self._images.to(self.device)
+            self._labels = self._labels.to(self.device)
+        parts = []
+        for lo in range(0, self.rows, self.batch_size):
+            part = slice(lo, lo + self.batch_size)
+            images, positions = self._images[part], self.positions[part]
+            parts.append(corrupt(images, name, severity, self.seed, positions))
+        source = f"{self.source}:{name}:{severity}"
+        return ArrayDataset(torch.cat(parts), self._labels, self.classes, source)
+
+
 def _check_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r")
@@ -132,6 +226,12 @@ def open_official(
     return CorruptedSet(root, manifest)
 
 
+def _codec_matches(manifest: dict, name: str, codec: str) -> bool:
+    """Whether the cached file of ``name`` was made with ``codec`` (only JPEG's depends on it;
+    a manifest from before the choice existed means libjpeg)."""
+    return name != "jpeg_compression" or manifest.get("jpeg_codec", "libjpeg") == codec
+
+
 def _manifest_matches(manifest: dict, seed: int, indices: list[int] | None) -> bool:
     return (
         manifest.get("table_version") == TABLE_VERSION
@@ -164,9 +264,14 @@ def read_manifest(root: Path) -> dict | None:
 
 
 def open_generated(
-    root: Path, seed: int, corruptions: tuple[str, ...] = ALL, indices: list[int] | None = None
+    root: Path,
+    seed: int,
+    corruptions: tuple[str, ...] = ALL,
+    indices: list[int] | None = None,
+    jpeg_codec: str = "libjpeg",
 ) -> CorruptedSet | None:
-    """The generated set in ``root`` if it is complete and was made by this engine and table."""
+    """The generated set in ``root`` if it is complete and was made by this engine and table
+    (and its JPEG images by ``jpeg_codec``)."""
     manifest = read_manifest(root)
     if manifest is None or not _manifest_matches(manifest, seed, indices):
         return None
@@ -174,6 +279,8 @@ def open_generated(
     for name in (*corruptions, "labels"):
         path = root / f"{name}.npy"
         if name not in files or not path.exists() or sha256_file(path) != files[name]:
+            return None
+        if not _codec_matches(manifest, name, jpeg_codec):
             return None
     return CorruptedSet(root, manifest)
 
@@ -198,6 +305,7 @@ def generate(
     seconds)`` is called after each (corruption, severity); without it a progress bar on stderr
     shows images/s and the time left."""
     device = device or torch.device("cpu")
+    codec = jpeg_codec_on(device)
     test = load_cifar10("test", data_dir)
     images, labels = test.images, test.labels
     if indices is not None:
@@ -211,12 +319,13 @@ def generate(
     if stale:
         log.warning("Regenerating the CIFAR-10-C cache in %s: %s.", root, stale)
     manifest = {
-        "source": "generated",
+        "source": f"generated{_jpeg_note(codec)}",
         "seed": seed,
         "table_version": TABLE_VERSION,
         "engine_version": ENGINE_VERSION,
         "batch_size": GENERATION_BATCH,
         "device": str(device),
+        "jpeg_codec": codec,
         "rows": rows,
         "indices": index_list,
         "classes": list(test.classes),
@@ -231,7 +340,8 @@ def generate(
     todo = []
     for name in corruptions:
         path, known = root / f"{name}.npy", reusable.get("sha256", {}).get(name)
-        if known and path.exists() and sha256_file(path) == known:
+        same_codec = _codec_matches(reusable, name, codec)
+        if known and same_codec and path.exists() and sha256_file(path) == known:
             manifest["sha256"][name] = known
             manifest["seconds"][name] = reusable.get("seconds", {}).get(name)
         else:
@@ -294,22 +404,47 @@ def prepare_cifar10_c(
     seed: int = 0,
     subset: int = 0,
     subset_seed: int = 0,
-    device: torch.device | None = None,
+    device: torch.device | str | None = None,
     corruptions: tuple[str, ...] = ALL,
     on_progress: Callable[[str, int, float], None] | None = None,
-) -> CorruptedSet:
-    """Official CIFAR-10-C if the data directory has it, else the cached or a new generated set;
-    ``subset`` > 0 evaluates that many seeded test images per (corruption, severity)."""
+    stream: bool = False,
+) -> CorruptedSet | StreamedSet:
+    """Official CIFAR-10-C if the data directory has it, else the cached generated set, else a
+    new one: generated on ``device`` into the cache or, with ``stream``, a :class:`StreamedSet`
+    on ``device`` (nothing written). ``subset`` > 0 evaluates that many seeded test images per
+    (corruption, severity)."""
     for name in corruptions:
         CORRUPTIONS.get(name)
+    device = torch.device(device or "cpu")
     indices = subset_indices(N_TEST, subset, subset_seed)
     official = find_official(config.data_dir(data_dir))
     if official is not None:
         return open_official(official, load_cifar10("test", data_dir).labels, indices)
     root = generated_root(subset if indices is not None else 0, subset_seed)
     index_list = None if indices is None else indices.tolist()
-    cached = open_generated(root, seed, corruptions, index_list)
+    cached = open_generated(root, seed, corruptions, index_list, jpeg_codec_on(device))
     if cached is not None:
         return cached
+    if stream:
+        test = load_cifar10("test", data_dir)
+        return StreamedSet(test, seed=seed, indices=indices, device=device)
     return generate(root, seed=seed, indices=indices, device=device, data_dir=data_dir,
                     corruptions=corruptions, on_progress=on_progress)  # fmt: skip
+
+
+def corruption_images(
+    data_dir: str | Path | None = None,
+    *,
+    subset: int = 0,
+    subset_seed: int = 0,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    corruptions: tuple[str, ...] = ALL,
+) -> CorruptedSet | StreamedSet:
+    """The CIFAR-10-C images an evaluation on ``device`` reads: the official files, else a
+    complete cached set, else streamed on a CUDA device (each pair generated there when loaded,
+    nothing written), else generated on the CPU into the cache once for later runs."""
+    device = torch.device(device or "cpu")
+    return prepare_cifar10_c(data_dir, seed=seed, subset=subset, subset_seed=subset_seed,
+                             device=device, corruptions=corruptions,
+                             stream=device.type == "cuda")  # fmt: skip
