@@ -24,6 +24,7 @@ from normbench.corruptions.sets import (
     CorruptedSet,
     StreamedSet,
     corruption_images,
+    generate,
     generated_root,
     open_generated,
     prepare_cifar10_c,
@@ -171,6 +172,10 @@ def test_streamed_set_on_cuda_stays_there_and_keeps_libjpeg_bytes(cifar_dir, fre
     cached = prepare_cifar10_c(corruptions=("jpeg_compression",), subset=20)
     assert torch.equal(block.images.cpu(), cached.load("jpeg_compression", 4).images)
     assert corrupted_sets(fresh_cache) == ["cifar10-c-subset20-seed0"]  # the CPU one only
+    # a set generated into the cache on the GPU names it too
+    on_gpu = generate(fresh_cache / "on-gpu", indices=torch.tensor(cached.indices), device="cuda",
+                      corruptions=("contrast",))  # fmt: skip
+    assert on_gpu.source == "generated on cuda"
 
 
 @CUDA

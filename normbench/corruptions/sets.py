@@ -295,7 +295,7 @@ def generate(
     *,
     seed: int = 0,
     indices: torch.Tensor | None = None,
-    device: torch.device | None = None,
+    device: torch.device | str | None = None,
     data_dir: str | Path | None = None,
     corruptions: tuple[str, ...] = ALL,
     on_progress: Callable[[str, int, float], None] | None = None,
@@ -304,7 +304,7 @@ def generate(
     into ``root``, in the official layout, with a manifest. ``on_progress(name, severity,
     seconds)`` is called after each (corruption, severity); without it a progress bar on stderr
     shows images/s and the time left."""
-    device = device or torch.device("cpu")
+    device = torch.device(device or "cpu")
     codec = jpeg_codec_on(device)
     test = load_cifar10("test", data_dir)
     images, labels = test.images, test.labels
@@ -319,7 +319,8 @@ def generate(
     if stale:
         log.warning("Regenerating the CIFAR-10-C cache in %s: %s.", root, stale)
     manifest = {
-        "source": f"generated{_jpeg_note(codec)}",
+        # a GPU's floating point need not round as the CPU's does: sets made there say so
+        "source": f"generated{'' if device.type == 'cpu' else f' on {device}'}{_jpeg_note(codec)}",
         "seed": seed,
         "table_version": TABLE_VERSION,
         "engine_version": ENGINE_VERSION,
