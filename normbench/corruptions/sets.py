@@ -10,7 +10,9 @@ with its own engine into the cache, with a ``manifest.json`` (seed, parameter-ta
 engine version, SHA-256 of every file): a cache made by another table or engine version is
 regenerated, never mixed with new files, and a warning says which versions it had. Each image's
 random numbers depend on (seed, corruption, severity, test index) only, so the files do not
-depend on the batch size or the device that made them.
+depend on the batch size; a GPU's arithmetic need not round as the CPU's does (CUDA divides by a
+scalar as a multiplication by its reciprocal, for one), so a set made on a GPU names it in its
+source.
 
 A budget may evaluate a fixed, seeded subset of the test images per (corruption, severity):
 official files are then indexed; a generated subset is cached in a directory of its own
