@@ -561,7 +561,9 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
     """
     n, c, h, w = images.shape
     padded = F.pad(images, (padding,) * 4)
-    dy, dx = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
+    span = 2 * padding + 1
+    offsets = torch.randint(0, span, (2, n), generator=generator, device=generator.device)
+    dy, dx = offsets.to(images.device)
     rows = dy[:, None] + torch.arange(h, device=images.device)
     cols = dx[:, None] + torch.arange(w, device=images.device)
     out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * padding))
@@ -569,7 +571,8 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+    draws = torch.rand(len(images), generator=generator, device=generator.device)
+    flip = (draws < 0.5).to(images.device)
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
@@ -578,7 +581,11 @@ class TensorLoader:
 
     Shuffling, random crops and flips are done batched on the device with an explicit generator,
     so there is no per-image Python or PIL work and the order is reproducible (and resumable, via
-    the generator's state). Batches come out normalized, float32, channels_last.
+    the generator's state). With a generator on the loader's device (the default, and what the
+    runners pass) the permutation, crop offsets and flip masks are drawn there, so on a GPU no
+    batch and no random number crosses the bus; a CPU generator also works (its draws are
+    copied). A CPU generator and a CUDA one with the same seed give different streams.
+    Batches come out normalized, float32, channels_last.
     """
 
     def __init__(
@@ -598,7 +605,7 @@ class TensorLoader:
         self.images = ds.images.to(device)
         self.labels = ds.labels.to(device)
         self.batch_size, self.device, self.train = batch_size, device, train
-        self.generator = generator or torch.Generator().manual_seed(0)
+        self.generator = generator or torch.Generator(device=device).manual_seed(0)
         self.crop_padding, self.flip = crop_padding, flip
         self.drop_last = train if drop_last is None else drop_last
         std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
@@ -616,7 +623,8 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         if self.train:
-            order = torch.randperm(n, generator=self.generator).to(self.device)
+            order = torch.randperm(n, generator=self.generator, device=self.generator.device)
+            order = order.to(self.device)
         else:
             order = torch.arange(n, device=self.device)
         for i in range(len(self)):

@@ -257,13 +257,21 @@ class SharpnessAware:
             for s in scaled
         ]
 
-    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def step(
+        self,
+        closure: Callable[[], torch.Tensor],
+        watch: DivergenceWatch | None = None,
+        first_loss: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The two-pass step. The first pass's gradient is in ``.grad``; ``closure`` computes the
         loss on the same batch, zeroes the gradients and backpropagates (``training_step`` makes
-        it). Raises ``NonFiniteStep`` with every parameter as it was before the step."""
+        it). Without ``watch``, raises ``NonFiniteStep`` with every parameter as it was before the
+        step; with it, the first loss, the perturbation and the second loss go to the watch and
+        nothing waits on the device."""
         e = self.perturbation()
         applied = [(p, ei) for p, ei in zip(self.perturbed, e, strict=True) if ei is not None]
-        if applied and not torch.stack([torch.isfinite(ei).all() for _, ei in applied]).all():
+        finite = (torch.isfinite(ei).all() for _, ei in applied)
+        if watch is None and applied and not torch.stack(list(finite)).all():
             raise NonFiniteStep("non-finite sharpness-aware perturbation")
         with torch.no_grad():
             saved = [p.detach().clone() for p, _ in applied]
@@ -276,7 +284,10 @@ class SharpnessAware:
             with torch.no_grad():  # a copy, not w + e - e: the restore is exact
                 for (p, _), w in zip(applied, saved, strict=True):
                     p.copy_(w)
-        if not torch.isfinite(loss).item():
+        if watch is not None:
+            first = [] if first_loss is None else [first_loss]
+            watch.observe(*first, loss, *(ei for _, ei in applied))
+        elif not torch.isfinite(loss).item():
             raise NonFiniteStep(f"non-finite training loss at the perturbed point ({loss.item()})")
         self.base.step()
         return loss
@@ -524,18 +535,58 @@ def create_optimizer(
     return OPTIMIZERS.get(name).obj(model, **hparams)
 
 
+class DivergenceWatch:
+    """Non-finite losses noticed on the device, so a training step needs no host sync.
+
+    Each step folds whether its loss (and, for a two-pass optimizer, its perturbation and second
+    loss) is finite into a device tensor holding the first bad step; a device counter counts the
+    steps done. :meth:`poll` reads both in one transfer (the only sync): the loop calls it every
+    few steps and at the end of each epoch, and it raises ``NonFiniteStep`` naming the first bad
+    step. Parameters may have been updated by the bad step and the few after it before the poll
+    notices; the run stops there as diverged, so nothing is saved from them.
+    """
+
+    def __init__(self, device: torch.device, start: int = 0) -> None:
+        self.steps = torch.full((), start, dtype=torch.long, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.what = ""  # what the last poll found non-finite (for the message)
+
+    def observe(self, *values: torch.Tensor) -> None:
+        """Note whether ``values`` of the current step are all finite (no sync)."""
+        bad = torch.stack([~torch.isfinite(v).all() for v in values]).any()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), self.steps, self.first_bad)
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def poll(self) -> int:
+        """The number of steps done (one host sync); raises ``NonFiniteStep`` with the first
+        step whose loss or perturbation was not finite, if any."""
+        done, first_bad = torch.stack([self.steps, self.first_bad]).tolist()
+        if first_bad >= 0:
+            raise NonFiniteStep(f"non-finite training loss or perturbation at step {first_bad}")
+        return done
+
+    @property
+    def first_bad_step(self) -> int:
+        return int(self.first_bad)
+
+
 def training_step(
     optimizer: torch.optim.Optimizer | SharpnessAware,
     forward: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    watch: DivergenceWatch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimization step on one batch; returns the first pass's output and loss.
 
     ``forward()`` computes the model's output and loss on the batch (under the run's autocast); a
-    two-pass optimizer calls it again at its perturbed point. Raises ``NonFiniteStep`` for a
-    non-finite loss or perturbation, before any parameter changes.
+    two-pass optimizer calls it again at its perturbed point. Without ``watch``, raises
+    ``NonFiniteStep`` for a non-finite loss or perturbation, before any parameter changes (one
+    host sync per check). With ``watch``, the step never waits on the device: finiteness goes to
+    the watch, which the caller polls every few steps.
     """
     out, loss = forward()
-    if not torch.isfinite(loss).item():
+    if watch is None and not torch.isfinite(loss).item():
         raise NonFiniteStep(f"non-finite training loss ({loss.item()})")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -547,9 +598,13 @@ def training_step(
             again.backward()
             return again
 
-        optimizer.step(second_pass)
+        optimizer.step(second_pass, watch=watch, first_loss=loss)
     else:
+        if watch is not None:
+            watch.observe(loss)
         optimizer.step()
+    if watch is not None:
+        watch.step_done()
     return out, loss
 
 

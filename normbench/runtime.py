@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,17 @@ def resolve_device(name: str | None = None) -> torch.device:
     except RuntimeError:
         raise NormbenchError(f"Invalid device {name!r}; use 'cpu', 'cuda' or 'cuda:N'.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise NormbenchError(f"Device {name!r} was asked for but CUDA is not available here.")
+        raise NormbenchError(
+            f"Device {name!r} was asked for but CUDA is not available here; the device found is "
+            f"{device_name(torch.device('cpu'))} (use --device cpu)."
+        )
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise NormbenchError(
+                f"Device {name!r} was asked for but this machine has {count} CUDA device(s) "
+                f"(cuda:0..cuda:{count - 1})."
+            )
     if device.type not in ("cpu", "cuda"):
         raise NormbenchError(f"Device type {device.type!r} is not supported; use 'cpu' or 'cuda'.")
     return device
@@ -59,6 +70,50 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA), so a timer reads finished work; no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def configure_kernels(device: torch.device, benchmark: bool) -> dict[str, Any]:
+    """Let cuDNN time its convolution algorithms and keep the fastest (``benchmark``) on CUDA.
+
+    The algorithm chosen can differ between processes, so with it a resumed run is not
+    bit-identical to an uninterrupted one (it still trains the same recipe); on the CPU, and on
+    CUDA without it, resuming is bit-identical. Returns what the run records."""
+    if device.type != "cuda":
+        return {"cudnn_benchmark": False}
+    torch.backends.cudnn.benchmark = benchmark
+    return {"cudnn_benchmark": benchmark}
+
+
+def compiled_for_training(
+    model: torch.nn.Module, budget: dict[str, Any], device: torch.device, info: dict[str, Any]
+) -> torch.nn.Module:
+    """The module the training steps call: ``torch.compile(model)`` where the budget asks for it
+    and the device can compile, else ``model`` itself. Parameters are shared, so the run keeps
+    saving, evaluating and checkpointing ``model``. Compilation is off on the CPU (it takes
+    longer there than the small budgets train); where it is unavailable on CUDA (no Triton), a
+    warning says so and the run trains eagerly. ``info["compile"]`` records what happened."""
+    if not budget.get("compile"):
+        info["compile"] = "off"
+        return model
+    if device.type != "cuda":
+        info["compile"] = "off on cpu"
+        return model
+    reason = _compile_unavailable()
+    if reason is not None:
+        warnings.warn(f"torch.compile is unavailable ({reason}); training eagerly.", stacklevel=2)
+        info["compile"] = f"unavailable ({reason}); eager"
+        return model
+    info["compile"] = "on"
+    return torch.compile(model)
+
+
+def _compile_unavailable() -> str | None:
+    """Why torch.compile cannot build CUDA kernels here, or None when it can."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return "this torch has no Triton check"
+    return None if has_triton() else "Triton is not installed"
 
 
 def device_name(device: torch.device) -> str:

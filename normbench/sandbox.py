@@ -79,7 +79,7 @@ PARENT_PID_VAR = "NORMBENCH_PARENT_PID"
 #: credentials).
 ENV_ALLOWLIST = (
     "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NORMBENCH_CACHE_DIR",
+    "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NORMBENCH_CACHE_DIR", "NORMBENCH_JPEG_CODEC",
 )  # fmt: skip
 #: Exit status of a worker whose orchestrator was gone before it could ask to die with it.
 ORPHANED_STATUS = 71

@@ -42,7 +42,7 @@ from normbench.attacks import (
 from normbench.corruptions import ALL as CORRUPTIONS_ALL
 from normbench.corruptions import SEVERITIES, TABLE_VERSION
 from normbench.corruptions.imagenet_c import ImageNetC
-from normbench.corruptions.sets import prepare_cifar10_c
+from normbench.corruptions.sets import corruption_images
 from normbench.data import NORMALIZATION, TensorLoader, load_dataset
 from normbench.label_noise import noisy_training_set
 from normbench.landscape import ics_probe, landscape_probe
@@ -51,6 +51,7 @@ from normbench.models import conv_norm_factory, create_model, parameter_count
 from normbench.norms import norm_source_sha256
 from normbench.normspeed import REFERENCE, build_model, interleaved, side_by_side, training_batch
 from normbench.optim import (
+    DivergenceWatch,
     NonFiniteStep,
     SharpnessAware,
     create_optimizer,
@@ -59,7 +60,14 @@ from normbench.optim import (
     training_step,
 )
 from normbench.robustness import aggregate_rows
-from normbench.runtime import RunMemory, autocast, autocast_dtype, synchronize
+from normbench.runtime import (
+    RunMemory,
+    autocast,
+    autocast_dtype,
+    compiled_for_training,
+    configure_kernels,
+    synchronize,
+)
 from normbench.suites import RunSpec
 
 WARMUP_STEPS = 5  # steps per epoch left out of the throughput figure (allocator, kernel choice)
@@ -129,13 +137,17 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
-def corruption_source(spec: RunSpec, test_set, data_dir: str | Path | None):
+def corruption_source(
+    spec: RunSpec, test_set, data_dir: str | Path | None, device: torch.device
+):
     """Where the corrupted evaluation images come from: an object with ``load(name, severity)``,
-    ``source`` and ``images_per_pair``."""
+    ``source`` and ``images_per_pair``. CIFAR-10-C: the official files, else a complete cached
+    set, else (on CUDA) each (corruption, severity) generated on the device as it is evaluated,
+    else generated on the CPU into the cache once (normbench.corruptions.sets)."""
     s = spec.settings
     if s["corruption_set"] == "imagenet-c":
         return ImageNetC(test_set, data_dir, subset=s["corruption_subset"])
-    return prepare_cifar10_c(data_dir, subset=s["corruption_subset"])
+    return corruption_images(data_dir, subset=s["corruption_subset"], device=device)
 
 
 def evaluate_corruptions(
@@ -380,7 +392,8 @@ def _run(
     ).to(device, memory_format=torch.channels_last)
     optimizer = create_optimizer(spec.optimizer, model, **spec.hparams)
     peak_lrs = [g["lr"] for g in optimizer.param_groups]
-    generator = torch.Generator().manual_seed(spec.seed)
+    # On the run's device: shuffles, crop offsets and flip masks never cross the bus.
+    generator = torch.Generator(device=device).manual_seed(spec.seed)
     mean, std = NORMALIZATION[spec.dataset]
     train_loader = TensorLoader(
         train_set,
@@ -412,7 +425,8 @@ def _run(
     if state is not None and state.get("run_key") == spec.key:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
+        # the checkpoint was loaded onto the device; a generator's state lives on the CPU
+        generator.set_state(state["generator"].cpu())
         start_epoch, curves = state["epoch"], state["curves"]
         timed_images, timed_seconds = state["timed_images"], state["timed_seconds"]
         train_seconds, earlier_wall = state["train_seconds"], state["wall_seconds"]
@@ -423,6 +437,7 @@ def _run(
     result = RunResult(status="finished", curves=curves, epochs_done=start_epoch)
     result.info = {
         "precision": "bf16" if dtype is torch.bfloat16 else "fp32",
+        "sync_every": s["sync_every"],
         "resumed_from_epoch": start_epoch,
         "norm_source_sha256": norm_source_sha256(spec.norm),
         "train_examples": len(train_set),
@@ -435,8 +450,13 @@ def _run(
         result.info["lr_scaling"] = {**s["lr_scaling"], "batch_size": s["batch_size"]}
     if isinstance(optimizer, SharpnessAware):
         result.info["two_pass"] = optimizer.describe()
+    result.info |= configure_kernels(device, s["cudnn_benchmark"])
+    train_model = compiled_for_training(model, s, device, result.info)
     progress.on_start(s["epochs"] - start_epoch, steps_per_epoch)
     warmup = min(WARMUP_STEPS, steps_per_epoch // 4)
+    # The training step never waits on the device: divergence and the step count are read back
+    # every sync_every steps and at the end of each epoch (see DivergenceWatch).
+    watch = DivergenceWatch(device, start=start_epoch * steps_per_epoch)
     evaluation: Evaluation | None = None
     model.train()
     for epoch in range(start_epoch, s["epochs"]):
@@ -462,7 +482,7 @@ def _run(
 
             def forward(x=x, y=y) -> tuple[torch.Tensor, torch.Tensor]:
                 with autocast(device, dtype):
-                    out = model(x)
+                    out = train_model(x)
                     return out, F.cross_entropy(out, y, label_smoothing=s["label_smoothing"])
 
             if landscape is not None and step % landscape["every"] == 0:
@@ -481,17 +501,18 @@ def _run(
                 epoch_probe_seconds += spent
                 window_probe_seconds += spent if timer_start is not None else 0.0
 
-            try:
-                out, loss = training_step(optimizer, forward)
-            except NonFiniteStep as err:
-                result.status, result.diverged_step = "diverged", step
-                result.reason = f"{err} at step {step}"
-                break
+            out, loss = training_step(optimizer, forward, watch)
             losses.append(loss.detach())
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
             step += 1
-            progress.on_step(step)
+            if step % s["sync_every"] == 0 or i + 1 == steps_per_epoch:
+                try:
+                    progress.on_step(watch.poll())
+                except NonFiniteStep as err:
+                    result.status, result.diverged_step = "diverged", watch.first_bad_step
+                    result.reason = str(err)
+                    break
         synchronize(device)
         now = time.perf_counter()
         train_seconds += now - epoch_start - epoch_probe_seconds
@@ -553,7 +574,7 @@ def _run(
         if adapt is not None:  # the clean test set, adapted
             rows += [MetricRow(name, value, "test") for name, value in adapt(test_set).items()]
         if s.get("corruption_set"):
-            cset = corruption_source(spec, test_set, data_dir)
+            cset = corruption_source(spec, test_set, data_dir, device)
             rows += evaluate_corruptions(
                 model, spec, device, dtype, eval_loader, cset, result, progress, adapt
             )

@@ -147,10 +147,14 @@ class DataInfo:
     num_classes: int
 
 
-def check_data(specs: list[RunSpec], data_dir: str | Path | None) -> dict[str, DataInfo]:
+def check_data(
+    specs: list[RunSpec], data_dir: str | Path | None, device: torch.device | None = None
+) -> dict[str, DataInfo]:
     """Load every dataset the runs need (decoding it into the cache on first use) and prepare
     their corruption sets, before anything is written to the store: a missing or damaged data
-    file stops the suite here, with its message, and leaves the database as it was."""
+    file stops the suite here, with its message, and leaves the database as it was. Runs on a
+    CUDA ``device`` generate their corruptions there as they evaluate (streamed), so nothing is
+    generated here for them."""
     info: dict[str, DataInfo] = {}
     tests: dict[str, ArrayDataset] = {}  # each test set loaded once, for the corruption sets below
     prepared: set[tuple[str, int]] = set()
@@ -167,7 +171,8 @@ def check_data(specs: list[RunSpec], data_dir: str | Path | None) -> dict[str, D
             _prepare_real_features(spec, data_dir, info[spec.dataset], len(test))
         corruptions = spec.settings.get("corruption_set")
         if corruptions and (corruptions, spec.settings["corruption_subset"]) not in prepared:
-            classify.corruption_source(spec, test, data_dir)  # generated here, on first use
+            # generated here on first use (on the CPU); a CUDA run's set streams
+            classify.corruption_source(spec, test, data_dir, device or torch.device("cpu"))
             prepared.add((corruptions, spec.settings["corruption_subset"]))
     return info
 
@@ -407,7 +412,7 @@ def run_suite(
     lease = lease_seconds()
     with progress.display(console) as live:
         planned = plan_runs(specs, store, force, lease)
-        data = check_data([p.spec for p in planned if not p.skip], data_dir)
+        data = check_data([p.spec for p in planned if not p.skip], data_dir, device)
         here = provenance(device)
         ratios = {s["name"]: s.get("time_ratio") for s in submissions}
         estimate_runs(planned, store, device, data, here, ratios, data_dir)

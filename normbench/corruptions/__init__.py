@@ -72,7 +72,9 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1]: uint8 input becomes float64, as in the reference scripts (``x / 255.``),
     so results truncate to the same uint8 values; float input keeps its precision."""
     if images.dtype == torch.uint8:
-        return images.double() / 255
+        # by a tensor on the images' device: CUDA divides by a Python number as a multiplication
+        # by its reciprocal, one bit off for some levels; a tensor divisor divides exactly
+        return images.double() / torch.tensor(255.0, dtype=torch.float64, device=images.device)
     return images if images.is_floating_point() else images.float()
 
 
