@@ -138,7 +138,8 @@ DataDir = Annotated[
 BudgetOption = Annotated[
     Budget | None,
     typer.Option(
-        help="Default: full with CUDA; on a CPU, cpu where it has bfloat16 matrix units (AMX), "
+        help="Default: gpu (else full) with CUDA; on a CPU, cpu where it has bfloat16 matrix "
+        "units (AMX), "
         "else laptop (the first of these the suite defines; the start line says which)."
     ),
 ]

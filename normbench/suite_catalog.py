@@ -15,7 +15,7 @@ from normbench.registry import EntryInfo, Registry
 
 BUILTIN_DIR = Path(__file__).parent / "suites"
 #: Budget names, from the shortest recipe to the longest.
-BUDGETS = ("smoke", "laptop", "cpu", "full")
+BUDGETS = ("smoke", "laptop", "cpu", "gpu", "full")
 #: The largest seed a run accepts (the smallest is 0). Seeds are stored in an SQL INTEGER column,
 #: which is 32-bit signed on PostgreSQL (up to 2**31 - 1; SQLite's is 64-bit), and they seed
 #: torch's generators (up to 2**64 - 1) and numpy-style generators (up to 2**32 - 1), so the

@@ -243,6 +243,7 @@ def budget_suite(folder, budgets: tuple[str, ...], name: str = "budgets") -> str
 @pytest.mark.parametrize(
     "budgets, device, amx, expected, hint",
     [
+        (("smoke", "cpu", "gpu", "full"), "cuda", False, "gpu", "--budget full is the longer"),
         (("smoke", "laptop", "cpu", "full"), "cuda", False, "full", "--budget cpu is the shorter"),
         (("smoke", "laptop", "cpu"), "cuda", False, "cpu", "--budget laptop is the shorter"),
         (("smoke", "laptop", "cpu", "full"), "cpu", True, "cpu", "--budget laptop is the shorter"),

@@ -156,6 +156,11 @@ class Budget(_Strict):
     label_noise: list[LabelNoise] = []  # noisy training labels; [] = clean
     # batch sizes trained with instead of batch_size, the learning rate scaled linearly
     batch_sizes: list[Annotated[int, Field(ge=2)]] = []
+    # The training loop reads the device back (divergence check, progress) every sync_every
+    # steps and at each epoch's end, never in between: a GPU is never left waiting on the host.
+    sync_every: Annotated[int, Field(ge=1)] = 20
+    compile: bool = False  # torch.compile the training forward on CUDA (never on the CPU)
+    cudnn_benchmark: bool = False  # faster convolutions on CUDA; resume no longer bit-identical
     optimizers: dict[str, dict[str, Any]]  # hyper-parameters per optimizer name
 
 
@@ -514,15 +519,16 @@ def default_budget_reason(suite: Suite, device: torch.device | None = None) -> t
     """The budget a run of ``suite`` on ``device`` (default: the best one here) uses when none is
     named, and a one-line reason for the user.
 
-    With CUDA the longest recipe fits; on a CPU, ``cpu`` is sized for bfloat16 matrix units
-    (AMX) and ``laptop`` for two fp32 cores. The first preferred budget the suite defines wins,
+    With CUDA the ``gpu`` recipe (seconds to minutes a run) comes first, then the literature's
+    ``full``; on a CPU, ``cpu`` is sized for bfloat16 matrix units (AMX) and ``laptop`` for two
+    fp32 cores. The first preferred budget the suite defines wins,
     else the suite's first budget.
     """
     from normbench.runtime import fast_bf16, resolve_device
 
     device = device or resolve_device()
     if device.type == "cuda":
-        prefer, where = ("full", "cpu", "laptop"), "with CUDA"
+        prefer, where = ("gpu", "full", "cpu", "laptop"), "with CUDA"
     elif fast_bf16(device):
         prefer, where = ("cpu", "laptop"), "on a CPU with bfloat16 matrix units (AMX)"
     else:
