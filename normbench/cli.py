@@ -572,6 +572,14 @@ def leaderboard(
             min=0, help="Probe suites: the training step whose probes to show (0: at init)."
         ),
     ] = 0,
+    rank_by: Annotated[
+        str | None,
+        typer.Option(
+            "--rank-by",
+            help="Metric to rank a classify board by, e.g. pgd_accuracy (default: "
+            "corruption_accuracy for suites with corruptions, else accuracy).",
+        ),
+    ] = None,
 ) -> None:
     """Rank the norm x optimizer pairs of a suite (mean ± std over seeds), read-only.
 
@@ -581,6 +589,7 @@ def leaderboard(
     """
     from normbench import metrics as M
     from normbench.leaderboard import (
+        SUMMARY_METRICS,
         batch_size_board,
         gan_board,
         kept_apart_note,
@@ -594,7 +603,17 @@ def leaderboard(
     _plugin_norms()  # the suite may name them
     s = load_suite(suite)
     robustness = s.spec.corruption_set is not None
-    rank_by = "corruption_accuracy" if robustness else M.ACCURACY
+    if rank_by is not None and rank_by not in SUMMARY_METRICS:
+        raise NormbenchError(
+            f"--rank-by {rank_by!r} is not a board metric; choose one of "
+            f"{', '.join(SUMMARY_METRICS)}."
+        )
+    if rank_by is not None and s.spec.task != "classify":
+        raise NormbenchError(
+            f"--rank-by ranks classify boards; suite {s.name!r} is a {s.spec.task} suite, whose "
+            "board has its own order."
+        )
+    rank_by = rank_by or ("corruption_accuracy" if robustness else M.ACCURACY)
     budget_name = budget.value if budget else default_budget(s)
     # Reading never creates, migrates or writes a database.
     store = open_store(config.db_url(db, create_parent=False), readonly=True)
@@ -636,7 +655,10 @@ def leaderboard(
     if batch_sweep:
         out.print(_batch_size_table(table, f"{title}, test accuracy % by training batch size"))
         return
-    out.print(_leaderboard_table(table, title, robustness))
+    default_rank = "corruption_accuracy" if robustness else M.ACCURACY
+    if rank_by != default_rank:
+        title += f", ranked by {rank_by}"
+    out.print(_leaderboard_table(table, title, robustness, rank_by))
 
 
 def _batch_size_table(table, title: str) -> Table:
@@ -744,24 +766,29 @@ def _probe_table(table, title: str) -> Table:
     return _rows_table(table, title, columns)
 
 
-def _leaderboard_table(table, title: str, robustness: bool) -> Table:
+def _leaderboard_table(table, title: str, robustness: bool, rank_by: str) -> Table:
     from normbench import metrics as M
     from normbench.leaderboard import tie_legend
 
     def mean_std(metric: str):
-        return lambda r: _pct(r.get(f"{metric}_mean"), r.get(f"{metric}_std"))
-
-    def ranked(metric: str):
-        """The ranked metric: mean [95% interval] n=seeds; one seed has no interval."""
+        """mean ± std over seeds; for the ranked metric, mean [95% interval] n=seeds (one seed
+        has no interval). Accuracies in %, other metrics as they are."""
+        if metric != rank_by:
+            return lambda r: _pct(r.get(f"{metric}_mean"), r.get(f"{metric}_std"))
+        scale, fmt = (100, "{:.2f}") if metric.endswith("accuracy") else (1, "{:.4g}")
 
         def cell(r) -> str:
             mean, low, high = (r.get(f"{metric}_{s}") for s in ("mean", "ci_low", "ci_high"))
             if _missing(mean):
                 return "-"
-            ci = "" if _missing(low) else f" [{100 * low:.2f}, {100 * high:.2f}]"
-            return f"{100 * mean:.2f}{ci} n={r['n']}"
+            v = [fmt.format(scale * x) if not _missing(x) else "" for x in (mean, low, high)]
+            ci = "" if _missing(low) else f" [{v[1]}, {v[2]}]"
+            return f"{v[0]}{ci} n={r['n']}"
 
         return cell
+
+    def label(text: str, metric: str) -> str:
+        return f"{text} [95% CI]" if metric == rank_by else text
 
     def speed(r) -> str:
         ratio, iqr = r.get(f"{M.SPEED_VS_BN}_mean"), r.get(f"{M.SPEED_VS_BN_IQR}_mean")
@@ -783,6 +810,10 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
         ("norm", lambda r: r["norm"]),
         ("optimizer", lambda r: r["optimizer"]),
     ]
+    shown = {"corruption_accuracy", M.ACCURACY, M.ADV_CLEAN_ACCURACY, M.FGSM_ACCURACY,
+             M.PGD_ACCURACY, M.ACCURACY_BN_ADAPT, M.ACCURACY_TENT}  # fmt: skip
+    if rank_by not in shown:  # ranked by a metric the board has no column for: it goes first
+        columns.append((label(rank_by, rank_by), mean_std(rank_by)))
     # Only a suite that sweeps a setting within a pair (label noise, batch size) has variants.
     if "variant" in table and (table["variant"].fillna("") != "").any():
         columns.append(("variant", lambda r: r["variant"]))
@@ -798,17 +829,17 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
     ]
     if robustness:
         columns += [
-            ("corruption acc % [95% CI]", ranked("corruption_accuracy")),
-            *[(f"{label} corr. acc %", mean_std(o)) for label, _, o in adapted],
-            ("clean acc %", mean_std(M.ACCURACY)),
+            (label("corruption acc %", "corruption_accuracy"), mean_std("corruption_accuracy")),
+            *[(label(f"{name} corr. acc %", o), mean_std(o)) for name, _, o in adapted],
+            (label("clean acc %", M.ACCURACY), mean_std(M.ACCURACY)),
             ("mCE", lambda r: _num(r.get("mce_mean"), "{:.1f}")),
             ("rel. mCE", lambda r: _num(r.get("relative_mce_mean"), "{:.1f}")),
             ("worst corruption (acc %)", worst),
         ]
     else:
         columns += [
-            ("accuracy % [95% CI]", ranked(M.ACCURACY)),
-            *[(f"{label} accuracy %", mean_std(m)) for label, m, _ in adapted],
+            (label("accuracy %", M.ACCURACY), mean_std(M.ACCURACY)),
+            *[(label(f"{name} accuracy %", m), mean_std(m)) for name, m, _ in adapted],
             ("ECE", lambda r: _num(r.get(f"{M.ECE}_mean"), "{:.3f}")),
         ]
     # Boards of suites with the adversarial option: accuracy on the attacked subset.
@@ -817,9 +848,9 @@ def _leaderboard_table(table, title: str, robustness: bool) -> Table:
     )
     if adversarial:
         columns += [
-            ("adv. subset clean %", mean_std(M.ADV_CLEAN_ACCURACY)),
-            ("FGSM acc %", mean_std(M.FGSM_ACCURACY)),
-            ("PGD acc %", mean_std(M.PGD_ACCURACY)),
+            (label("adv. subset clean %", M.ADV_CLEAN_ACCURACY), mean_std(M.ADV_CLEAN_ACCURACY)),
+            (label("FGSM acc %", M.FGSM_ACCURACY), mean_std(M.FGSM_ACCURACY)),
+            (label("PGD acc %", M.PGD_ACCURACY), mean_std(M.PGD_ACCURACY)),
         ]
     columns += [
         ("speed vs BN", speed),

@@ -97,6 +97,26 @@ def test_the_cli_board_shows_intervals_ties_and_no_interval_for_one_seed(board_d
     assert "1 of 3 adjacent comparisons not tested" in text
 
 
+def test_the_cli_board_ranks_by_another_metric_with_its_interval(board_db):
+    # ECE is 0.1 - seed / 100: every three-seed row has mean 0.09, "none" (seed 0 only) 0.1;
+    # lower is better, so "none" goes last and the ECE column comes first with its interval.
+    result = invoke("leaderboard", "--suite=cifar10", "--budget=smoke", f"--db={board_db}",
+                    "--rank-by=ece", "--format=json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["norm"] for r in rows][-1] == "none"
+    assert all(r["ece_mean"] == pytest.approx(0.09) for r in rows[:3])
+    table = invoke("leaderboard", "--suite=cifar10", "--budget=smoke", f"--db={board_db}",
+                   "--rank-by=ece")  # fmt: skip
+    assert "ranked by ece" in table.output and "ece [95% CI]" in table.output
+    assert "0.09 [0.06516, 0.1148] n=3" in table.output
+    for bad, says in (("nope", "is not a board metric"), ("ece", "ranks classify boards")):
+        suite = "probes" if bad == "ece" else "cifar10"
+        result = invoke("leaderboard", f"--suite={suite}", "--budget=smoke",
+                        f"--db={board_db}", f"--rank-by={bad}")  # fmt: skip
+        assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
+
+
 def test_export_csv_reads_back_with_its_metadata(board_db, tmp_path):
     out = tmp_path / "board.csv"
     result = invoke("export", "--suite=cifar10", "--budget=smoke", f"--db={board_db}",
