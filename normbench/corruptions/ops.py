@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -62,39 +63,56 @@ def pad2d(x: torch.Tensor, pad_h: int, pad_w: int, mode: str) -> torch.Tensor:
     return x
 
 
-def correlate2d(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
-    """Per-channel correlation of ``x`` (N,C,H,W) with one odd 2-D ``kernel`` (OpenCV filter2D)."""
-    kh, kw = kernel.shape
+def correlate2d(
+    x: torch.Tensor, kernel: torch.Tensor | Sequence[Sequence[float]], mode: str
+) -> torch.Tensor:
+    """Per-channel correlation of ``x`` (N,C,H,W) with one odd 2-D ``kernel`` (OpenCV filter2D).
+
+    The taps are used as Python numbers: pass the kernel as rows of numbers or as a CPU tensor
+    (a kernel on an accelerator would be read back, which waits for its queued work)."""
+    rows = kernel.tolist() if isinstance(kernel, torch.Tensor) else kernel
+    kh, kw = len(rows), len(rows[0])
     h, w = x.shape[-2:]
     y = pad2d(x, kh // 2, kw // 2, mode)
     out = torch.zeros_like(x)
     # Taps accumulated one by one in row-major order (as OpenCV's filter2D does): cheaper than a
     # float64 conv2d for the small kernels used here, and rounds like the reference.
     taps = itertools.product(range(kh), range(kw))
-    for (i, j), k in zip(taps, kernel.flatten().tolist(), strict=True):
+    for (i, j), k in zip(taps, itertools.chain.from_iterable(rows), strict=True):
         if k:
             out += y[..., i : i + h, j : j + w] * k
     return out
 
 
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """SciPy's Gaussian kernel: radius ``int(truncate * sigma + 0.5)``, normalised to sum 1."""
+def _scipy_gaussian_weights(sigma: float, truncate: float) -> np.ndarray:
     radius = int(truncate * sigma + 0.5)
     # computed in NumPy, as SciPy does, so the float64 weights are the same to the last bit
     x = np.arange(-radius, radius + 1)
     phi = np.exp(-0.5 / (sigma * sigma) * x**2)
-    return torch.from_numpy(phi / phi.sum())
+    return phi / phi.sum()
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """SciPy's Gaussian kernel: radius ``int(truncate * sigma + 0.5)``, normalised to sum 1."""
+    return torch.from_numpy(_scipy_gaussian_weights(sigma, truncate))
+
+
+@functools.cache
+def gaussian_taps(sigma: float, truncate: float = 4.0) -> tuple[float, ...]:
+    """:func:`gaussian_kernel1d`'s weights as Python floats (the same doubles), made once."""
+    return tuple(float(v) for v in _scipy_gaussian_weights(sigma, truncate))
 
 
 def symmetric_correlate1d(
-    x: torch.Tensor, weights: torch.Tensor, dim: int, mode: str = "nearest"
+    x: torch.Tensor, weights: torch.Tensor | Sequence[float], dim: int, mode: str = "nearest"
 ) -> torch.Tensor:
     """SciPy's ``correlate1d`` with a symmetric odd kernel along ``dim``, in its order of
-    operations: ``w0 x[i] + sum over j = r..1 of w_j (x[i - j] + x[i + j])``."""
+    operations: ``w0 x[i] + sum over j = r..1 of w_j (x[i - j] + x[i + j])``. The weights are
+    used as Python numbers (a CPU tensor or a sequence of floats)."""
     r = len(weights) // 2
     n = x.shape[dim]
     padded = x.index_select(dim, border_index(n, r, mode, x.device))
-    taps = weights.tolist()
+    taps = weights.tolist() if isinstance(weights, torch.Tensor) else weights
     out = padded.narrow(dim, r, n) * taps[r]
     for j in range(r, 0, -1):
         out = out + (padded.narrow(dim, r - j, n) + padded.narrow(dim, r + j, n)) * taps[r + j]
@@ -109,7 +127,7 @@ def gaussian_filter(
     Shifted multiply-adds beat a float64 conv2d for these short kernels."""
     if sigma <= 0:
         return x
-    k = gaussian_kernel1d(float(sigma), truncate)
+    k = gaussian_taps(float(sigma), float(truncate))
     return symmetric_correlate1d(symmetric_correlate1d(x, k, -2, mode), k, -1, mode)
 
 
@@ -140,7 +158,14 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
 
 
 # Which of (v, q, p, t) each RGB channel takes in each hue sextant (scikit-image's table).
-_HSV_SEXTANT = torch.tensor([[0, 1, 2, 2, 3, 0], [3, 0, 0, 1, 2, 2], [2, 2, 3, 0, 0, 1]])
+_HSV_SEXTANT = ((0, 1, 2, 2, 3, 0), (3, 0, 0, 1, 2, 2), (2, 2, 3, 0, 0, 1))
+
+
+@functools.cache
+def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, made once per device: a copy to an accelerator on every call
+    would wait for the work queued before it. Shared between calls, so never written to."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
@@ -150,13 +175,14 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     f = h * 6 - hi
     candidates = torch.stack((v, v * (1 - f * s), v * (1 - s), v * (1 - (1 - f) * s)))
     sextant = hi.long() % 6
-    pick = _HSV_SEXTANT.to(hsv.device)[:, sextant]  # (3, N, H, W) indices into candidates
+    table = device_constant(_HSV_SEXTANT, torch.int64, hsv.device)
+    pick = table[:, sextant]  # (3, N, H, W) indices into candidates
     return candidates.gather(0, pick).permute(1, 0, 2, 3)
 
 
 def rgb_to_gray(rgb: torch.Tensor) -> torch.Tensor:
     """OpenCV's ``COLOR_RGB2GRAY`` weights, keeping a channel axis: (N,1,H,W)."""
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype, device=rgb.device)
+    w = device_constant((0.299, 0.587, 0.114), rgb.dtype, rgb.device)
     return (rgb * w.view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
@@ -206,12 +232,13 @@ def motion_blur(
     n, c, h, w = x.shape
     weights = magick_motion_kernel(float(radius), float(sigma))
     width = len(weights)
+    # The offsets are computed in Python from the angles, which the corruptions draw on the CPU
+    # (reading them is free there), and sent to the device in one copy.
     offsets = torch.tensor(
         [magick_motion_offsets(width, float(a)) for a in angles_deg.double().cpu().tolist()],
         dtype=torch.long,
     ).reshape(n, width, 2)
-    dy = offsets[..., 0].to(x.device)  # (N, width)
-    dx = offsets[..., 1].to(x.device)
+    dy, dx = offsets.to(x.device).unbind(2)  # (N, width) each
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
     channel_start = (torch.arange(c, device=x.device) * (h * w)).view(1, c, 1)
