@@ -77,6 +77,10 @@ def gaussian_blur(x: torch.Tensor, sigma: float, rng: ImageRng) -> torch.Tensor:
 # --- glass blur ---------------------------------------------------------------------------------
 
 
+#: Pointer jumps of the glass shuffle between two convergence checks.
+_JUMPS_PER_CHECK = 4
+
+
 def glass_offsets(
     height: int, width: int, max_delta: int, rng: ImageRng
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +104,9 @@ def glass_shuffle(
     (descending), and sets ``x[h, w] <- x[h + dy, w + dx]`` with the current values. A read of a
     pixel the scan has already rewritten takes that pixel's new value, so each pixel's final value
     is the original value at the end of its chain of such reads; the chains are followed by
-    pointer jumping (about log2(H W) gathers at most; one when ``max_delta`` is 1, since every
-    read then lies at or after the reader in scan order).
+    pointer jumping (about log2(H W) gathers at most). The offsets lie in ``[-d, d - 1]``, as
+    :func:`glass_offsets` draws them; when ``max_delta`` is 1 they are -1 or 0, so every read
+    lies at or after the reader in scan order and there are no chains to follow.
     """
     n, c, h, w = x.shape
     d = max_delta
@@ -110,11 +115,11 @@ def glass_shuffle(
     cols = torch.arange(w, device=device).view(1, 1, w)
     written = torch.zeros(h, w, dtype=torch.bool, device=device)
     written[d + 1 : h - d + 1, d + 1 : w - d + 1] = True
-    # Offsets laid out on the image: scan entry [i, j] is pixel (H - d - i, W - d - j).
-    off_x = torch.zeros(n, h, w, dtype=torch.long, device=device)
-    off_y = torch.zeros(n, h, w, dtype=torch.long, device=device)
-    off_x[:, d + 1 : h - d + 1, d + 1 : w - d + 1] = dx.to(device).flip(1, 2)
-    off_y[:, d + 1 : h - d + 1, d + 1 : w - d + 1] = dy.to(device).flip(1, 2)
+    # Offsets laid out on the image: scan entry [i, j] is pixel (H - d - i, W - d - j). Both
+    # planes go to the device in one copy.
+    off_x, off_y = torch.zeros(2, n, h, w, dtype=torch.long, device=device)
+    inner = (slice(None), slice(d + 1, h - d + 1), slice(d + 1, w - d + 1))
+    off_x[inner], off_y[inner] = torch.stack((dx, dy)).to(device).flip(2, 3)
     src_r = rows + off_y  # (n, h, w); unwritten pixels read themselves
     src_c = cols + off_x
     src = (src_r * w + src_c).flatten(1)
@@ -124,9 +129,13 @@ def glass_shuffle(
     chained = written.flatten()[None] & src_written & src_earlier.flatten(1)
     nxt = torch.where(chained, src, here)  # chain ends point at themselves
     term = torch.where(written.flatten()[None], src, here)  # what a chain end reads
-    for _ in range(max(1, math.ceil(math.log2(h * w)))):
+    # Each jump doubles how far along its chain a pixel points, up to the chain's end, where it
+    # stays: once a jump changes nothing, no later one does. Convergence is therefore checked
+    # only every few jumps, as each check waits for the device.
+    jumps = 0 if d == 1 else max(1, math.ceil(math.log2(h * w)))
+    for step in range(1, jumps + 1):
         jumped = nxt.gather(1, nxt)
-        if torch.equal(jumped, nxt):
+        if step % _JUMPS_PER_CHECK == 0 and torch.equal(jumped, nxt):
             break
         nxt = jumped
     source = term.gather(1, nxt)
