@@ -240,8 +240,14 @@ def disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
 @register_corruption("defocus_blur", family="blur",
                      description="anti-aliased disk filter of radius r per channel")  # fmt: skip
 def defocus_blur(x: torch.Tensor, c: tuple[float, float], rng: ImageRng) -> torch.Tensor:
-    kernel = disk_kernel(float(c[0]), float(c[1]))
-    return correlate2d(as_float64(x), kernel.to(x.device), "mirror").to(x.dtype)
+    return correlate2d(as_float64(x), disk_taps(float(c[0]), float(c[1])), "mirror").to(x.dtype)
+
+
+@functools.cache
+def disk_taps(radius: float, alias_blur: float) -> tuple[tuple[float, ...], ...]:
+    """:func:`disk_kernel`'s rows as Python numbers (read once; the correlation uses its taps
+    as scalars, which a kernel on the device would have to be read back for)."""
+    return tuple(tuple(row) for row in disk_kernel(radius, alias_blur).tolist())
 
 
 # --- motion blur --------------------------------------------------------------------------------
@@ -288,6 +294,12 @@ def _zoom_matrix(size: int, zoom: float) -> torch.Tensor:
     return m
 
 
+@functools.cache
+def _zoom_matrix_on(size: int, zoom: float, device: torch.device) -> torch.Tensor:
+    # one copy per device: a copy to a GPU per zoom step would wait for the work queued before it
+    return _zoom_matrix(size, zoom).to(device)
+
+
 @register_corruption("zoom_blur", family="blur", capabilities={UINT8},
                      description="mean of the image and its centre zooms")  # fmt: skip
 def zoom_blur(x: torch.Tensor, c: tuple[float, float, float], rng: ImageRng) -> torch.Tensor:
@@ -299,8 +311,8 @@ def zoom_blur(x: torch.Tensor, c: tuple[float, float, float], rng: ImageRng) -> 
     for zoom in zooms:
         # clipped_zoom as one matrix per axis: linear interpolation is separable, and two small
         # matrix products beat a crop + resize + trim per zoom by a wide margin.
-        a = _zoom_matrix(x.shape[-2], float(zoom)).to(x.device)
-        b = _zoom_matrix(x.shape[-1], float(zoom)).to(x.device)
+        a = _zoom_matrix_on(x.shape[-2], float(zoom), x.device)
+        b = _zoom_matrix_on(x.shape[-1], float(zoom), x.device)
         out += (a @ x64 @ b.T).float()
     y = (x32 + out) / (len(zooms) + 1)
     # The scripts truncate the float32 product clip(y) * 255: do that for uint8, and hand its
