@@ -41,6 +41,7 @@ from PIL import Image
 from normbench.corruptions import RANDOM, UINT8, register_corruption
 from normbench.corruptions.ops import (
     clipped_zoom,
+    device_constant,
     gaussian_filter,
     magick_motion_blur,
     pad2d,
@@ -96,7 +97,8 @@ def plasma_fractal(
     mean of its four neighbours (wrapping around the torus) plus ``wibble * U(-wibble, wibble)``.
     Per level three arrays of uniforms are drawn, for the squares' centres, then the diamonds on
     the corner rows, then those on the corner columns; ``uniform(shape)`` supplies U[0, 1) values
-    (float64, shape (n, k, k)); by default they come from the per-image streams of ``rng``.
+    (float64, shape (n, k, k)); by default they come from the per-image streams of ``rng``. All
+    of them are drawn before the first level, in that order, and sent to the device in one copy.
     """
     if mapsize & (mapsize - 1):
         raise ValueError(f"map size must be a power of two, got {mapsize}")
@@ -108,11 +110,20 @@ def plasma_fractal(
             return rng.rand(shape[1:])
 
     m = torch.zeros(n, mapsize, mapsize, dtype=torch.float64, device=device)
+    # Level by level (k x k new points of each kind at level k = 1, 2, 4, ..., mapsize / 2),
+    # three arrays each, drawn in the order the levels use them.
+    sides = [1 << level for level in range(mapsize.bit_length() - 1)]
+    draws = [uniform((n, k, k)).reshape(n, k * k) for k in sides for _ in range(3)]
+    uniforms = iter(
+        torch.cat(draws, 1)
+        .to(device=m.device, dtype=torch.float64)
+        .split([k * k for k in sides for _ in range(3)], 1)
+    )
     wibble = 100.0
     step = mapsize
 
     def wibbled_mean(total: torch.Tensor) -> torch.Tensor:
-        u = uniform(tuple(total.shape)).to(device=total.device, dtype=torch.float64)
+        u = next(uniforms).view(total.shape)
         return total / 4 + wibble * (-wibble + 2 * wibble * u)  # numpy uniform(low, high)
 
     while step >= 2:
@@ -244,9 +255,10 @@ def frost_crops(
     stack, _ = frost_textures(size, str(device))
     _, channels, hmax, wmax = stack.shape
     ar = torch.arange(size, device=device)
-    plane = idx.to(device)[:, None] * channels + torch.arange(channels, device=device)  # (N, 3)
-    r = rows.to(device)[:, None] + ar  # (N, size)
-    c = cols.to(device)[:, None] + ar
+    idx, rows, cols = torch.stack((idx, rows, cols)).to(device)  # the draws in one copy
+    plane = idx[:, None] * channels + torch.arange(channels, device=device)  # (N, 3)
+    r = rows[:, None] + ar  # (N, size)
+    c = cols[:, None] + ar
     flat = (plane[:, :, None, None] * hmax + r[:, None, :, None]) * wmax + c[:, None, None, :]
     return stack.reshape(-1)[flat]
 
@@ -318,18 +330,20 @@ def snow(x: torch.Tensor, params: tuple, rng: ImageRng) -> torch.Tensor:
 
 _CANNY_SHIFT = 15
 _TG22 = int(0.4142135623730950488016887242097 * (1 << _CANNY_SHIFT) + 0.5)
-_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+# 3x3 kernels as their nine taps in row-major order (Python numbers, used as scalars)
+_SOBEL_X = (-1.0, 0.0, 1.0, -2.0, 0.0, 2.0, -1.0, 0.0, 1.0)
+_SOBEL_Y = (-1.0, -2.0, -1.0, 0.0, 0.0, 0.0, 1.0, 2.0, 1.0)  # its transpose
 _OFFSETS3 = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
 
 
-def _correlate3(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
-    """3x3 correlation of (N, H, W) float values with ``kernel``, border ``mode``; exact for the
-    small-integer data and kernels used here."""
+def _correlate3(x: torch.Tensor, kernel: tuple[float, ...], mode: str) -> torch.Tensor:
+    """3x3 correlation of (N, H, W) float values with ``kernel`` (nine taps, row-major), border
+    ``mode``; exact for the small-integer data and kernels used here."""
     p = pad2d(x, 1, 1, mode)
     out = torch.zeros_like(x)
     # Nine shifted multiply-adds: exact here in any order, and several times faster than a
     # single-channel conv2d in float64.
-    for (dr, dc), k in zip(_OFFSETS3, kernel.flatten().tolist(), strict=True):
+    for (dr, dc), k in zip(_OFFSETS3, kernel, strict=True):
         if k:
             out += _shifted(p, 1, dr, dc) * k if k != 1 else _shifted(p, 1, dr, dc)
     return out
@@ -351,7 +365,7 @@ def canny(images: torch.Tensor, low: float = 50, high: float = 150) -> torch.Ten
     """
     x = images.float()
     dx = _correlate3(x, _SOBEL_X, "nearest").long()
-    dy = _correlate3(x, _SOBEL_X.T, "nearest").long()
+    dy = _correlate3(x, _SOBEL_Y, "nearest").long()
     mag = dx.abs() + dy.abs()
     p = F.pad(mag, (1, 1, 1, 1))
 
@@ -429,8 +443,8 @@ def chamfer_distance(zero: torch.Tensor, cap: float = 20.0) -> torch.Tensor:
         d = best
 
 
-_EMBOSS = torch.tensor([[-2.0, -1.0, 0.0], [-1.0, 1.0, 1.0], [0.0, 1.0, 2.0]])
-_BOX = torch.ones(3, 3)
+_EMBOSS = (-2.0, -1.0, 0.0, -1.0, 1.0, 1.0, 0.0, 1.0, 2.0)
+_BOX = (1.0,) * 9
 
 
 def box_sum3(x: torch.Tensor) -> torch.Tensor:
@@ -499,14 +513,14 @@ def spatter_apply(x: torch.Tensor, params: tuple, liquid: torch.Tensor) -> torch
         m = l8.float() * water_dist(l8).float()
         peak = m.amax(dim=(1, 2), keepdim=True)
         m = torch.where(peak > 0, m / torch.where(peak > 0, peak, 1.0), 0.0) * intensity
-        color = torch.tensor([175 / 255, 238 / 255, 238 / 255], dtype=torch.float32)
-        y32 = x32 + m[:, None] * color.to(x.device).view(1, 3, 1, 1)
+        color = device_constant((175 / 255, 238 / 255, 238 / 255), torch.float32, x.device)
+        y32 = x32 + m[:, None] * color.view(1, 3, 1, 1)
     else:
         mask = (liquid > threshold).double()
         m = gaussian_filter(mask, intensity).float()  # scikit-image keeps the float32 mask's type
         m = torch.where(m < 0.8, 0.0, m)
-        color = torch.tensor([63 / 255, 42 / 255, 20 / 255], dtype=torch.float32)
-        y32 = x32 * (1 - m) + color.to(x.device).view(1, 3, 1, 1) * m
+        color = device_constant((63 / 255, 42 / 255, 20 / 255), torch.float32, x.device)
+        y32 = x32 * (1 - m) + color.view(1, 3, 1, 1) * m
     return _float32_result(y32.clamp(0, 1), x.dtype)
 
 
