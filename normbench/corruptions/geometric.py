@@ -21,6 +21,8 @@ path does not round them either and agrees with this one to float rounding.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from normbench.corruptions import RANDOM, register_corruption
@@ -41,11 +43,25 @@ def fold_index(i: torch.Tensor, n: int, mode: str) -> torch.Tensor:
     if (mode == "mirror" and n == 1) or i.numel() == 0:
         return torch.zeros_like(i)
     period = 2 * n if mode == "reflect" else 2 * n - 2
-    lo, hi = i.aminmax()
-    if not (lo >= -(period - n) and hi < period):
-        i = i % period  # integer division is slow: only where indices lie beyond one fold
+    # The folds below cover indices in [n - period, period). Integer division is slow on the CPU,
+    # so there the remainder is taken only where indices lie beyond that, which reading their
+    # bounds tells at no cost. On an accelerator that read would wait for the device's queued
+    # work, while the remainder is cheap: it is always taken (with the same result).
+    if not _reads_are_free(i) or not _within(i, n - period, period):
+        i = i % period
     before = -i - 1 if mode == "reflect" else -i
     return torch.where(i < 0, before, torch.where(i >= n, period - 1 - i + (mode == "mirror"), i))
+
+
+def _reads_are_free(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values into Python costs no wait for a device (CPU tensors)."""
+    return t.device.type == "cpu"
+
+
+def _within(i: torch.Tensor, low: int, high: int) -> bool:
+    """Whether all of ``i`` lies in [low, high) (one read of the tensor)."""
+    lo, hi = i.aminmax()
+    return bool((lo >= low) & (hi < high))
 
 
 def bilinear_sample(
@@ -75,6 +91,13 @@ def bilinear_sample(
     top = at(ra, ca) * (1 - fc) + at(ra, cb) * fc
     bottom = at(rb, ca) * (1 - fc) + at(rb, cb) * fc
     return (top * (1 - fr) + bottom * fr).reshape(n, c, *out_shape)
+
+
+@functools.cache
+def _gaussian_matrix_on(n: int, sigma: float, device: torch.device) -> torch.Tensor:
+    # one copy per device: copying the matrices to a GPU on every call would wait for the work
+    # queued before them
+    return gaussian_matrix(n, sigma, device)
 
 
 def gaussian_matrix(n: int, sigma: float, device: torch.device | None = None) -> torch.Tensor:
@@ -133,8 +156,8 @@ def displacement(noise: torch.Tensor, alpha: float, sigma: float) -> torch.Tenso
     """``gaussian(noise, sigma) * alpha`` per map of ``noise`` (N,2,H,W), as float32."""
     h, w = noise.shape[-2:]
     noise = noise.double()
-    kh = gaussian_matrix(h, sigma, noise.device)
-    kw = gaussian_matrix(w, sigma, noise.device)
+    kh = _gaussian_matrix_on(h, float(sigma), noise.device)
+    kw = _gaussian_matrix_on(w, float(sigma), noise.device)
     return (kh @ noise @ kw.T * alpha).float()
 
 
