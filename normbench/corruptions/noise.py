@@ -16,10 +16,6 @@ def _randn(x: torch.Tensor, rng: ImageRng) -> torch.Tensor:
     return rng.randn(tuple(x.shape[1:]), torch.float32).to(x)
 
 
-def _rand(x: torch.Tensor, rng: ImageRng) -> torch.Tensor:
-    return rng.rand(tuple(x.shape[1:]), torch.float32).to(x)
-
-
 @register_corruption("gaussian_noise", family="noise", capabilities={RANDOM},
                      description="x + N(0, c) per value")  # fmt: skip
 def gaussian_noise(x: torch.Tensor, c: float, rng: ImageRng) -> torch.Tensor:
@@ -35,8 +31,11 @@ def shot_noise(x: torch.Tensor, c: float, rng: ImageRng) -> torch.Tensor:
 @register_corruption("impulse_noise", family="noise", capabilities={RANDOM},
                      description="salt and pepper on a fraction c of values, 50/50")  # fmt: skip
 def impulse_noise(x: torch.Tensor, c: float, rng: ImageRng) -> torch.Tensor:
-    flipped = _rand(x, rng) < c
-    salted = _rand(x, rng) < 0.5
+    # both draws (in this order) sent to the device in one copy
+    shape = tuple(x.shape[1:])
+    u = torch.stack((rng.rand(shape, torch.float32), rng.rand(shape, torch.float32))).to(x)
+    flipped = u[0] < c
+    salted = u[1] < 0.5
     x = torch.where(flipped & salted, torch.ones_like(x), x)
     return torch.where(flipped & ~salted, torch.zeros_like(x), x)
 
