@@ -116,7 +116,7 @@ def glass_shuffle(
     written = torch.zeros(h, w, dtype=torch.bool, device=device)
     written[d + 1 : h - d + 1, d + 1 : w - d + 1] = True
     # Offsets laid out on the image: scan entry [i, j] is pixel (H - d - i, W - d - j). Both
-    # planes go to the device in one copy.
+    # planes go to the device in one copy (none when they are there already).
     off_x, off_y = torch.zeros(2, n, h, w, dtype=torch.long, device=device)
     inner = (slice(None), slice(d + 1, h - d + 1), slice(d + 1, w - d + 1))
     off_x[inner], off_y[inner] = torch.stack((dx, dy)).to(device).flip(2, 3)
@@ -151,7 +151,9 @@ def glass_blur_with(
     """Glass blur with given shuffle offsets, one ``(dx, dy)`` pair per pass."""
     sigma, d, _ = params
     x8 = torch.floor(scipy_gaussian(as_float64(x), float(sigma)) * 255).clamp_(0, 255)
-    for dx, dy in offsets:
+    # every pass's offsets go to the device in one copy
+    moved = torch.stack([torch.stack(pair) for pair in offsets]).to(x.device) if offsets else ()
+    for dx, dy in moved:
         x8 = glass_shuffle(x8, dx, dy, int(d))
     return scipy_gaussian(x8 / 255, float(sigma)).clamp_(0, 1).to(x.dtype)
 
