@@ -455,7 +455,7 @@ def _run(
     progress.on_start(s["epochs"] - start_epoch, steps_per_epoch)
     warmup = min(WARMUP_STEPS, steps_per_epoch // 4)
     # The training step never waits on the device: divergence and the step count are read back
-    # every sync_every steps and at the end of each epoch (see DivergenceWatch).
+    # every sync_every steps and after each epoch's first and last steps (see DivergenceWatch).
     watch = DivergenceWatch(device, start=start_epoch * steps_per_epoch)
     evaluation: Evaluation | None = None
     model.train()
@@ -506,7 +506,8 @@ def _run(
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
             step += 1
-            if step % s["sync_every"] == 0 or i + 1 == steps_per_epoch:
+            # also after an epoch's first step: the display times the steps from there on
+            if step % s["sync_every"] == 0 or i == 0 or i + 1 == steps_per_epoch:
                 try:
                     progress.on_step(watch.poll())
                 except NonFiniteStep as err:

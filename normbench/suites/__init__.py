@@ -157,7 +157,7 @@ class Budget(_Strict):
     # batch sizes trained with instead of batch_size, the learning rate scaled linearly
     batch_sizes: list[Annotated[int, Field(ge=2)]] = []
     # The training loop reads the device back (divergence check, progress) every sync_every
-    # steps and at each epoch's end, never in between: a GPU is never left waiting on the host.
+    # steps and after each epoch's first and last steps: a GPU is never left waiting on the host.
     sync_every: Annotated[int, Field(ge=1)] = 20
     compile: bool = False  # torch.compile the training forward on CUDA (never on the CPU)
     cudnn_benchmark: bool = False  # faster convolutions on CUDA; resume no longer bit-identical
