@@ -119,10 +119,10 @@ def test_a_budget_names_its_own_seeds_without_changing_any_run_key(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar-c", "sam-on", "landscape", "imagenet-c"])
-def test_built_in_smoke_and_full_budgets_run_three_seeds_and_cpu_budgets_one(name):
+def test_built_in_smoke_gpu_and_full_budgets_run_three_seeds_and_cpu_budgets_one(name):
     from normbench.suites import load_suite, plan
 
     suite = load_suite(name)
     for budget in suite.spec.budgets:
         seeds = {s.seed for s in plan(suite, budget, norms=["batchnorm"], optimizers=["sgd"])}
-        assert seeds == ({0, 1, 2} if budget in ("smoke", "full") else {0}), budget
+        assert seeds == ({0, 1, 2} if budget in ("smoke", "gpu", "full") else {0}), budget
