@@ -45,7 +45,8 @@ def budget_spec(norm: str, seed: int, overrides: dict):
     return dataclasses.replace(spec, settings={**spec.settings, "speed_pairs": 0, **overrides})
 
 
-def time_to_target(device, data_dir, runs: int, overrides: dict) -> None:
+def time_to_target(device, data_dir, runs: int, overrides: dict) -> float:
+    """The mean training seconds of the timed runs (after printing each)."""
     print(f"1. batchnorm + sgd at the gpu budget: a warm-up run, then {runs} timed runs")
     classify.run(budget_spec("batchnorm", 100, overrides), device=device, data_dir=data_dir)
     seconds, accuracies = [], []

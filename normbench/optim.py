@@ -549,7 +549,6 @@ class DivergenceWatch:
     def __init__(self, device: torch.device, start: int = 0) -> None:
         self.steps = torch.full((), start, dtype=torch.long, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.what = ""  # what the last poll found non-finite (for the message)
 
     def observe(self, *values: torch.Tensor) -> None:
         """Note whether ``values`` of the current step are all finite (no sync)."""
