@@ -21,6 +21,7 @@ much faster or slower the run goes than its estimate said.
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import math
 import statistics
@@ -231,6 +232,15 @@ def suite_seconds(
     return sum(
         run_breakdown(s, rates[s.key], *sizes[s.dataset], done.get(s.key, 0)).total for s in specs
     )
+
+
+def makespan(seconds: Iterable[float], slots: int = 1) -> float:
+    """Seconds until the last of runs lasting ``seconds`` ends when ``slots`` run at once, each
+    run taken in order by the first slot to come free (as the orchestrator does)."""
+    ends = [0.0] * max(slots, 1)
+    for s in seconds:
+        heapq.heapreplace(ends, ends[0] + s)
+    return max(ends)
 
 
 # --- where the rates come from -------------------------------------------------------------------

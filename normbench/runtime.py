@@ -116,6 +116,21 @@ def _compile_unavailable() -> str | None:
     return None if has_triton() else "Triton is not installed"
 
 
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """torch's compute threads set to ``count`` inside the block, restored after it (None:
+    unchanged). The plan times a run with the threads its worker will have."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -48,6 +48,8 @@ class Job:
     # Modules outside normbench that registered the run's norm at import (a script's or a
     # plugin's own module): {"module", "file", "norms"}; the worker imports them from the file.
     norm_modules: list[dict[str, Any]] = field(default_factory=list)
+    # The worker's compute threads (OMP_NUM_THREADS); None: torch's default, every core.
+    threads: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +82,8 @@ class Executor(Protocol):
     name: str
 
     def capacity(self) -> int: ...
+
+    def threads_per_job(self) -> int | None: ...
 
     def start(self, job: Job) -> None: ...
 
@@ -147,8 +151,10 @@ def launch_job(job: Job, scratch: Path):
     payload = {"job": job.to_json(), "policy": policy.to_json()}
     # The worker's HOME is its scratch folder, so without this its default cache would be there:
     # it would decode the dataset again, and recompute the prepared real-image features, every run.
-    cache = {"NORMBENCH_CACHE_DIR": str(config.cache_dir())}
-    return sandbox.launch("runners.worker", payload, policy=policy, scratch=scratch, env=cache)
+    env = {"NORMBENCH_CACHE_DIR": str(config.cache_dir())}
+    if job.threads:
+        env |= {"OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads)}
+    return sandbox.launch("runners.worker", payload, policy=policy, scratch=scratch, env=env)
 
 
 SCRATCH_PREFIX = "normbench-worker-"
@@ -260,6 +266,17 @@ class LocalExecutor:
 
     def capacity(self) -> int:
         return self.workers
+
+    def threads_per_job(self) -> int | None:
+        """Each worker's share of this process's threads (torch's default: every core, or
+        OMP_NUM_THREADS), so that parallel workers do not oversubscribe the cores: two workers
+        of two threads each on two cores trained several times slower than two of one
+        (``bench/worker_threads.py``). None with one worker: it keeps the default."""
+        if self.workers == 1:
+            return None
+        import torch
+
+        return max(1, torch.get_num_threads() // self.workers)
 
     def start(self, job: Job) -> None:
         self.running[job.id] = _Running(job)

@@ -200,6 +200,11 @@ class RayExecutor:
             total += int(min(fits)) if fits else 0
         return max(total, 1)
 
+    def threads_per_job(self) -> int | None:
+        """None: a CPU run asks Ray for every core of a node (``runners.suite.resources``), so
+        its worker keeps torch's default threads."""
+        return None
+
     def start(self, job: Job) -> None:
         asks = self.fit(job.resources)
         self.asks = dict(job.resources)

@@ -58,7 +58,7 @@ from normbench.metrics import MetricRow
 from normbench.norms import NORMS, norm_class, parse_norm_name
 from normbench.optim import OPTIMIZERS, TWO_PASS
 from normbench.progress import format_duration
-from normbench.runtime import provenance, resolve_device
+from normbench.runtime import provenance, resolve_device, torch_threads
 from normbench.store import ClaimLost, RunStatus, Skip, Store
 from normbench.submissions import NAMESPACE, SubmittedNorm
 from normbench.suites import RunSpec
@@ -344,8 +344,11 @@ def _calibrate(spec: RunSpec, device: torch.device, d: DataInfo) -> tuple[Rates 
     )
 
 
-def print_plan(planned: list[Planned], device: torch.device, console: Console) -> None:
-    """The plan: how many runs are skipped, resume or start, each run's estimate and the total."""
+def print_plan(
+    planned: list[Planned], device: torch.device, console: Console, slots: int = 1
+) -> None:
+    """The plan: how many runs are skipped, resume or start, each run's estimate and the total
+    (``slots`` runs at once: the time until the last one ends, see ``estimate.makespan``)."""
     todo = [p for p in planned if not p.skip]
     skipped = len(planned) - len(todo)
     resuming = sum(p.resume_epoch is not None for p in todo)
@@ -363,9 +366,12 @@ def print_plan(planned: list[Planned], device: torch.device, console: Console) -
         console.print(f"{head}; nothing to run.")
         return
     known = [p.estimate.seconds for p in todo if p.estimate.seconds is not None]
-    total = f"about {format_duration(sum(known))}" if known else "unknown"
+    span = estimate.makespan(known, slots)
+    total = f"about {format_duration(span)}" if known else "unknown"
     if 0 < len(known) < len(todo):
-        total = f"at least {format_duration(sum(known))} ({len(todo) - len(known)} not estimated)"
+        total = f"at least {format_duration(span)} ({len(todo) - len(known)} not estimated)"
+    if slots > 1 and len(todo) > 1:
+        total += f" with {slots} runs at once"
     console.print(f"{head}. Estimated time on this machine: {total}.", highlight=False)
     width = max(len(label(p.spec)) for p in todo)
     for p in todo:
@@ -413,10 +419,13 @@ def run_suite(
     with progress.display(console) as live:
         planned = plan_runs(specs, store, force, lease)
         data = check_data([p.spec for p in planned if not p.skip], data_dir, device)
-        here = provenance(device)
-        ratios = {s["name"]: s.get("time_ratio") for s in submissions}
-        estimate_runs(planned, store, device, data, here, ratios, data_dir)
-        print_plan(planned, device, console)
+        # Provenance and estimate with the threads each worker will have (parallel local
+        # workers share the cores).
+        with torch_threads(executor.threads_per_job()):
+            here = provenance(device)
+            ratios = {s["name"]: s.get("time_ratio") for s in submissions}
+            estimate_runs(planned, store, device, data, here, ratios, data_dir)
+        print_plan(planned, device, console, slots=executor.capacity())
         outcomes = Orchestrator(
             planned, store, executor, device=device, data_dir=data_dir, force=force,
             console=console, live=live, here=here, lease=lease, submissions=submissions,
@@ -559,7 +568,7 @@ class Orchestrator:
             q.estimate.seconds or 0.0
             for q in self.pending
             if q.estimate is not None and q.held_by is None
-        )
+        ) / self.executor.capacity()  # the later runs share the parallel slots
         est = p.estimate or Estimate(None, None, "")
         clock = RunClock(
             est.breakdown,
@@ -607,6 +616,7 @@ class Orchestrator:
             resources=resources(self.device),
             read_paths=reads,
             norm_modules=[m for name in dict.fromkeys(names) for m in norm_modules(name)],
+            threads=self.executor.threads_per_job(),
         )
 
     # --- following and recording --------------------------------------------------------------

@@ -83,6 +83,7 @@ def _run(job: dict[str, Any], emit) -> dict[str, Any]:
 
     import torch
 
+    from normbench import runtime
     from normbench.errors import NormbenchError
     from normbench.suites import RunSpec
 
@@ -109,7 +110,9 @@ def _run(job: dict[str, Any], emit) -> dict[str, Any]:
         "epochs_done": result.epochs_done,
         "diverged_step": result.diverged_step,
         "reason": result.reason,
-        "info": result.info,
+        # What this worker computed with (the run's claim recorded the orchestrator's view).
+        "info": {**result.info, "threads": torch.get_num_threads(),
+                 "device_name": runtime.device_name(torch.device(job["device"]))},  # fmt: skip
         "artifacts": {
             name: base64.b64encode(data).decode("ascii") for name, data in result.artifacts.items()
         },

@@ -74,7 +74,12 @@ def test_a_killed_orchestrators_run_is_taken_over_and_resumed(cifar_dir, tmp_pat
 
 def test_one_orchestrator_with_two_workers_collects_both_results(cifar_dir, tmp_path):
     """``--workers 2``: the executor polls each worker in turn without waiting, and still reads
-    every event and result each has sent."""
+    every event and result each has sent. The two workers share the cores: each computes with
+    half of this process's threads (at least one), which the runs record, and the plan's total
+    is the time until the later of the two parallel runs ends."""
+    import json
+
+    import torch
     from helpers import invoke
 
     suite = tiny_suite(tmp_path)
@@ -83,4 +88,10 @@ def test_one_orchestrator_with_two_workers_collects_both_results(cifar_dir, tmp_
                     f"--db={db}")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Summary: 2 finished" in result.output
+    assert "with 2 runs at once" in result.output
     assert sorted(status for _, status, _ in _rows(db)) == ["finished", "finished"]
+    half = max(1, torch.get_num_threads() // 2)
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        recorded = [json.loads(p) for (p,) in conn.execute("SELECT provenance FROM runs")]
+    assert [p["threads"] for p in recorded] == [half, half]
+    assert all(p["device_name"].endswith(f" x{half} threads") for p in recorded)

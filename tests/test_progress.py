@@ -125,6 +125,15 @@ def test_suite_seconds_adds_runs_at_their_own_rates():
     assert total == pytest.approx(one + resumed + clean_total)
 
 
+def test_makespan_gives_each_run_to_the_first_slot_to_come_free():
+    assert estimate.makespan([10, 20, 30], slots=1) == 60
+    # slot 1: 10 then 30 (ends at 40); slot 2: 20
+    assert estimate.makespan([10, 20, 30], slots=2) == 40
+    assert estimate.makespan([5, 5, 5, 5], slots=2) == 10
+    assert estimate.makespan([7], slots=4) == 7
+    assert estimate.makespan([], slots=2) == 0
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0
