@@ -342,7 +342,7 @@ def _run_with(runner, s, budget_name, why, dev, norm_list, opt_list, seed_list, 
     from normbench.store import open_store
     from normbench.submissions import register_recorded
     from normbench.suites import plan
-    from runners.suite import run_suite
+    from runners.suite import Terminated, run_suite
 
     store = open_store(config.db_url(db))
     # Submitted norms are named like any other; their code runs only in the workers.
@@ -373,12 +373,14 @@ def _run_with(runner, s, budget_name, why, dev, norm_list, opt_list, seed_list, 
             submissions=[{**r, "time_ratio": ratios.get(r["name"])} for r in submissions],
             derive=derive,
         )  # fmt: skip
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
         err.print(
-            "[yellow]Interrupted.[/yellow] The runs that had started are marked interrupted; run "
-            "the same command again to go on (a run resumes from its last finished epoch)."
+            f"[yellow]{'Terminated (SIGTERM)' if terminated else 'Interrupted'}.[/yellow] The runs "
+            "that had started are marked interrupted; run the same command again to go on (a run "
+            "resumes from its last finished epoch)."
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if terminated else 130) from None
     outcomes = result.outcomes
     if derive is not None and not result.mce_runs:
         err.print(f"mCE not computed yet: the reference pair {' + '.join(reference)} has no "

@@ -76,20 +76,48 @@ class Outcome:
     detail: str = ""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop, ``timeout``, ``docker stop``), handled as Ctrl-C is:
+    the workers stop and their runs are marked ``interrupted``, resumable."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM raises ``Terminated`` instead of ending the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold back SIGINT until the block is done (used around database writes)."""
+    """Hold back SIGINT and SIGTERM until the block is done (used around database writes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {n: signal.signal(n, lambda signum, frame: received.append(signum)) for n in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
+        for n, handler in previous.items():
+            signal.signal(n, handler)
+    if signal.SIGTERM in received and previous[signal.SIGTERM] is _raise_terminated:
+        raise Terminated
+    if signal.SIGINT in received:
         raise KeyboardInterrupt
+    if signal.SIGTERM in received:  # outside a suite: what SIGTERM would have done
+        signal.raise_signal(signal.SIGTERM)
 
 
 def checkpoint_folder(key: str) -> Path:
@@ -416,7 +444,7 @@ def run_suite(
     console = console or Console(stderr=True)
     submissions = submissions or []
     lease = lease_seconds()
-    with progress.display(console) as live:
+    with sigterm_as_interrupt(), progress.display(console) as live:
         planned = plan_runs(specs, store, force, lease)
         data = check_data([p.spec for p in planned if not p.skip], data_dir, device)
         # Provenance and estimate with the threads each worker will have (parallel local
@@ -432,7 +460,7 @@ def run_suite(
         ).run()  # fmt: skip
     mce = None
     if derive is not None:
-        with deferred_interrupt():
+        with sigterm_as_interrupt(), deferred_interrupt():
             mce = derive(store)
     return SuiteResult(outcomes, mce)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -145,21 +146,20 @@ def test_diverged_and_failed_runs_are_recorded_and_the_suite_goes_on(cifar_dir, 
     assert by_pair[("batchnorm", "adamw")]["rank"] == 1
 
 
-def test_sigint_mid_epoch_then_resume(cifar_dir, tmp_path, db):
-    """Kill a run with SIGINT after its first checkpoint, re-run it, and compare with a run that
-    was never interrupted: the resumed run must finish with the same numbers."""
+def _six_epoch_run(tmp_path, db) -> tuple[list[str], subprocess.Popen]:
+    """The command of a 6-epoch smoke run, and that run started and past its first checkpoint."""
     suite = tmp_path / "long.toml"
     longer = SUITE_TEXT.replace("epochs = 2\n", "epochs = 6\n", 1)
     suite.write_text(longer.replace("train_subset = 4096", "train_subset = 8192", 1))
     cmd = [sys.executable, "-m", "normbench.cli", "run", f"--suite={suite}", "--budget=smoke",
            "--norms=batchnorm", "--optimizers=sgd", "--seeds=0"]  # fmt: skip
-    env = dict(os.environ)
     spec = plan(load_suite(str(suite)), "smoke", norms=["batchnorm"], optimizers=["sgd"])[0]
     checkpoint = checkpoint_path(spec.key)
+    shutil.rmtree(checkpoint.parent, ignore_errors=True)  # another test's interrupted run
     # A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it;
     # give the child the default disposition an interactive user's Ctrl-C would meet.
     proc = subprocess.Popen(
-        [*cmd, f"--db={db}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [*cmd, f"--db={db}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     # Interrupt only once the first epoch's checkpoint exists, however loaded the machine is
@@ -172,6 +172,27 @@ def test_sigint_mid_epoch_then_resume(cifar_dir, tmp_path, db):
             pytest.fail(f"no checkpoint after 30 minutes:\n{proc.communicate()[0]}")
         time.sleep(0.05)
     time.sleep(0.3)  # into the next epoch
+    return cmd, proc
+
+
+def test_sigterm_stops_a_suite_like_ctrl_c(cifar_dir, tmp_path, db):
+    """SIGTERM (a batch scheduler's stop, ``timeout``, ``docker stop``) stops the workers and
+    marks the run interrupted, as Ctrl-C does, instead of leaving a claimed run behind."""
+    _, proc = _six_epoch_run(tmp_path, db)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output
+    assert "Terminated (SIGTERM)" in output and "Traceback" not in output
+    run = runs(db)["batchnorm+sgd+0"]
+    assert run.status is RunStatus.interrupted and 1 <= run.epochs_done < 6
+    assert integrity(db) == "ok"
+
+
+def test_sigint_mid_epoch_then_resume(cifar_dir, tmp_path, db):
+    """Kill a run with SIGINT after its first checkpoint, re-run it, and compare with a run that
+    was never interrupted: the resumed run must finish with the same numbers."""
+    cmd, proc = _six_epoch_run(tmp_path, db)
+    env = dict(os.environ)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
