@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -69,14 +68,11 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    from normbench.runtime import device_name
+
     default = torch.get_num_threads()
     share = max(1, default // args.workers)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = device_name(torch.device("cpu"))
     print(f"{args.workers} workers at once on {cpu}, {os.cpu_count()} CPUs; torch "
           f"{torch.__version__}, fp32; {args.seconds:g} s per measurement")  # fmt: skip
     ratios = []

@@ -100,7 +100,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold back SIGINT and SIGTERM until the block is done (used around database writes)."""
+    """Hold back SIGINT and SIGTERM until the block is done (used around database writes),
+    then raise ``KeyboardInterrupt`` or ``Terminated`` (inside ``sigterm_as_interrupt``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -112,12 +113,10 @@ def deferred_interrupt() -> Iterator[None]:
     finally:
         for n, handler in previous.items():
             signal.signal(n, handler)
-    if signal.SIGTERM in received and previous[signal.SIGTERM] is _raise_terminated:
+    if signal.SIGTERM in received:
         raise Terminated
-    if signal.SIGINT in received:
+    if received:
         raise KeyboardInterrupt
-    if signal.SIGTERM in received:  # outside a suite: what SIGTERM would have done
-        signal.raise_signal(signal.SIGTERM)
 
 
 def checkpoint_folder(key: str) -> Path:
@@ -444,24 +443,25 @@ def run_suite(
     console = console or Console(stderr=True)
     submissions = submissions or []
     lease = lease_seconds()
-    with sigterm_as_interrupt(), progress.display(console) as live:
-        planned = plan_runs(specs, store, force, lease)
-        data = check_data([p.spec for p in planned if not p.skip], data_dir, device)
-        # Provenance and estimate with the threads each worker will have (parallel local
-        # workers share the cores).
-        with torch_threads(executor.threads_per_job()):
-            here = provenance(device)
-            ratios = {s["name"]: s.get("time_ratio") for s in submissions}
-            estimate_runs(planned, store, device, data, here, ratios, data_dir)
-        print_plan(planned, device, console, slots=executor.capacity())
-        outcomes = Orchestrator(
-            planned, store, executor, device=device, data_dir=data_dir, force=force,
-            console=console, live=live, here=here, lease=lease, submissions=submissions,
-        ).run()  # fmt: skip
-    mce = None
-    if derive is not None:
-        with sigterm_as_interrupt(), deferred_interrupt():
-            mce = derive(store)
+    with sigterm_as_interrupt():
+        with progress.display(console) as live:
+            planned = plan_runs(specs, store, force, lease)
+            data = check_data([p.spec for p in planned if not p.skip], data_dir, device)
+            # Provenance and estimate with the threads each worker will have (parallel local
+            # workers share the cores).
+            with torch_threads(executor.threads_per_job()):
+                here = provenance(device)
+                ratios = {s["name"]: s.get("time_ratio") for s in submissions}
+                estimate_runs(planned, store, device, data, here, ratios, data_dir)
+            print_plan(planned, device, console, slots=executor.capacity())
+            outcomes = Orchestrator(
+                planned, store, executor, device=device, data_dir=data_dir, force=force,
+                console=console, live=live, here=here, lease=lease, submissions=submissions,
+            ).run()  # fmt: skip
+        mce = None
+        if derive is not None:
+            with deferred_interrupt():
+                mce = derive(store)
     return SuiteResult(outcomes, mce)
 
 
